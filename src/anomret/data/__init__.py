@@ -1,0 +1,1 @@
+"""Data layer: sample tables, dataset readers, preparation, synthetic data, the datamodule."""

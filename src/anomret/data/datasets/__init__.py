@@ -1,0 +1,1 @@
+"""One reader/writer per benchmark family."""

@@ -1,0 +1,1 @@
+"""Frozen image encoders that produce ``Features`` (see ``base``)."""

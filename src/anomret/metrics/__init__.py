@@ -1,0 +1,1 @@
+"""Exact anomaly-detection metrics (functional and torchmetrics-style) and result reports."""

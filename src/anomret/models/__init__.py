@@ -1,0 +1,1 @@
+"""LightningModules that wire encoders, memory banks and retrieval into fit/test loops."""

@@ -1,0 +1,1 @@
+"""Retrieval math: pure, batched, chunked functions with no I/O."""
