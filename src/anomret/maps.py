@@ -1,0 +1,105 @@
+"""From patch scores to anomaly maps and image scores: upsample, blur, top-k mean.
+
+Pure tensor functions (batched, device-agnostic). The blur reproduces
+``scipy.ndimage.gaussian_filter`` (MRAD: σ=4, truncate 4, 'reflect' borders) and, with
+``kernel_size=5, padding='zeros'``, the 5×5 σ=1 zero-padded blur of the RAD code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def upsample(scores: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Bilinearly resize ``[B, h, w]`` maps to ``size`` (align_corners=False, no antialias)."""
+    if isinstance(size, int):
+        size = (size, size)
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def gaussian_kernel1d(sigma: float, radius: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def _symmetric_indices(length: int, radius: int, device: torch.device) -> Tensor:
+    # scipy's 'reflect' mode mirrors about the pixel edge (d c b a | a b c d | d c b a), repeated with
+    # period 2·length, so it works even when the kernel is wider than the map.
+    positions = torch.arange(-radius, length + radius, device=device) % (2 * length)
+    return torch.where(positions >= length, 2 * length - 1 - positions, positions)
+
+
+def _blur_last_dim(maps: Tensor, kernel: Tensor, padding: str) -> Tensor:
+    radius = (kernel.numel() - 1) // 2
+    length = maps.shape[-1]
+    if padding == "reflect":
+        padded = maps.index_select(-1, _symmetric_indices(length, radius, maps.device))
+    elif padding == "zeros":
+        padded = F.pad(maps, (radius, radius))
+    else:
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
+    flat = padded.reshape(-1, 1, padded.shape[-1])
+    return F.conv1d(flat, kernel.view(1, 1, -1)).reshape(maps.shape)
+
+
+def gaussian_blur(
+    maps: Tensor,
+    sigma: float,
+    *,
+    truncate: float = 4.0,
+    kernel_size: int | None = None,
+    padding: str = "reflect",
+) -> Tensor:
+    """Separable Gaussian blur of ``[..., H, W]`` maps.
+
+    Args:
+        maps: anomaly maps.
+        sigma: standard deviation in pixels; ``0`` returns the maps unchanged.
+        truncate: radius in sigmas, as scipy (radius = int(truncate·σ + 0.5)).
+        kernel_size: explicit odd kernel size, overriding ``truncate``.
+        padding: ``'reflect'`` (scipy's default) or ``'zeros'``.
+    """
+    if sigma <= 0:
+        return maps
+    if kernel_size is not None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        radius = kernel_size // 2
+    else:
+        radius = int(truncate * sigma + 0.5)
+    kernel = gaussian_kernel1d(sigma, radius, maps.dtype).to(maps.device)
+    blurred = _blur_last_dim(maps, kernel, padding)
+    return _blur_last_dim(blurred.transpose(-1, -2), kernel, padding).transpose(-1, -2)
+
+
+def top_k_mean(maps: Tensor, ratio: float) -> Tensor:
+    """Mean of the ``int(ratio·H·W)`` largest values of each ``[B, H, W]`` map (the max if that is 0)."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    flat = maps.reshape(maps.shape[0], -1)
+    k = max(1, int(ratio * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+@dataclass
+class AnomalyMapper:
+    """Patch scores ``[B, h, w]`` → anomaly maps ``[B, size, size]``: bilinear upsample, then blur."""
+
+    size: int
+    sigma: float = 4.0
+    truncate: float = 4.0
+    kernel_size: int | None = None
+    padding: str = "reflect"
+
+    def __call__(self, patch_scores: Tensor) -> Tensor:
+        maps = upsample(patch_scores.float(), self.size)
+        return gaussian_blur(
+            maps, self.sigma, truncate=self.truncate, kernel_size=self.kernel_size, padding=self.padding
+        )
