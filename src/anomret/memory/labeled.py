@@ -170,3 +170,39 @@ class LabeledBankBuilder:
     def reset(self) -> None:
         for store in (self._image_keys, self._image_values, self._patch_keys, self._patch_values):
             store.clear()
+
+
+@dataclass
+class LabeledMemorySettings:
+    """Hydra ``memory=labeled``: how the MRAD bank is built and where it is cached.
+
+    Args:
+        path: explicit bank file. A file built from other data or settings by the same encoder is
+            rebuilt in place; one built by another encoder is refused.
+        cache_dir: where banks go when ``path`` is unset, one file per (source, encoder, settings).
+        rebuild: rebuild even when a matching bank exists.
+        max_image_entries / max_patch_entries: random subsampling of each level (memory-size ablation).
+        seed: seed of that subsampling.
+    """
+
+    path: str | None = None
+    cache_dir: str = ".cache/banks"
+    rebuild: bool = False
+    max_image_entries: int | None = None
+    max_patch_entries: int | None = None
+    seed: int = 0
+
+    def builder(self) -> LabeledBankBuilder:
+        return LabeledBankBuilder(self.max_image_entries, self.max_patch_entries, self.seed)
+
+    def build_settings(self) -> dict[str, Any]:
+        return {
+            "max_image_entries": self.max_image_entries,
+            "max_patch_entries": self.max_patch_entries,
+            "seed": self.seed,
+        }
+
+    def resolve_path(self, prefix: str, identity: str) -> Path:
+        if self.path is not None:
+            return Path(self.path)
+        return Path(self.cache_dir) / f"{prefix}-{identity[:12]}.safetensors"

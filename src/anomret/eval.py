@@ -1,0 +1,18 @@
+"""``python -m anomret.eval +experiment=NAME memory.path=BANK``: evaluate a saved memory bank."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from anomret.config import config_dir
+from anomret.pipeline import run
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg, fit=False)
+
+
+if __name__ == "__main__":
+    main()

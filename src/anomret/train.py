@@ -1,0 +1,25 @@
+"""``python -m anomret.train +experiment=NAME``: build the memory (and train heads), then evaluate.
+
+Returns the mean of ``optimized_metric`` so Hydra sweepers (e.g. Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+from omegaconf import DictConfig
+
+from anomret.config import config_dir
+from anomret.pipeline import run
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig) -> float:
+    result = run(cfg, fit=True)
+    value = result.mean.get(cfg.get("optimized_metric") or "", math.nan)
+    return float(value) if value is not None else math.nan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: the synthetic data (generated once per session) and composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from anomret.config import config_dir
+
+# Never wait on a network that is not there; never talk to a W&B server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding both synthetic domains, generated once for the whole session."""
+    from anomret.data.synthetic import ensure_synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    ensure_synthetic(root / "synthetic")
+    return root
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
+    """Compose a real config (as the entry points do) with every path under ``tmp_path``."""
+
+    def _compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(
+                config_name,
+                overrides=[
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.data_dir={data_dir}",
+                    f"paths.output_dir={tmp_path / 'run'}",
+                    *overrides,
+                ],
+                return_hydra_config=True,
+            )
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.trainer.enable_progress_bar = False
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

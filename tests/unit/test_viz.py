@@ -1,0 +1,40 @@
+import numpy as np
+import torch
+
+from anomret.viz import colorize, denormalize, outline, overlay_panel, save_png
+
+
+def test_colorize_uses_the_given_range_not_the_image_range():
+    calm = colorize(np.full((4, 4), 0.1), vmin=0.0, vmax=1.0)
+    hot = colorize(np.full((4, 4), 1.0), vmin=0.0, vmax=1.0)
+    assert calm[0, 0, 2] > calm[0, 0, 0]  # low scores are blue
+    assert hot[0, 0, 0] > hot[0, 0, 2]  # high scores are red
+    assert colorize(np.array([[5.0]]), 0.0, 1.0).tolist() == hot[:1, :1].tolist()  # clipped
+
+
+def test_denormalize_inverts_normalisation():
+    pixels = torch.rand(3, 8, 8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    normalised = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    out = denormalize(normalised, mean, std)
+    np.testing.assert_allclose(out, (pixels.permute(1, 2, 0).numpy() * 255).round(), atol=1)
+    assert denormalize(normalised, mean, std, size=16).shape == (16, 16, 3)
+
+
+def test_outline_is_the_boundary_of_the_mask():
+    mask = np.zeros((7, 7), bool)
+    mask[2:5, 2:5] = True
+    ring = outline(mask)
+    assert ring.sum() == 8 and not ring[3, 3]
+
+
+def test_panel_is_saved_as_png(tmp_path):
+    image = np.zeros((16, 16, 3), np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    panel = overlay_panel(image, np.random.rand(16, 16), mask, 0.0, 1.0, caption="bottle/000")
+    assert panel.shape[1] == 16 * 2 + 4 and panel.shape[0] > 16
+    path = save_png(panel, tmp_path / "a" / "panel.png")
+    from PIL import Image
+
+    assert Image.open(path).size == (panel.shape[1], panel.shape[0])
