@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from anomret.data.errors import DataError, InvalidSampleError, SplitNotFoundError
 from anomret.data.samples import Sample, SampleTable
 
 META_FILENAME = "meta.json"
@@ -26,9 +27,7 @@ Record = dict[str, Any]
 Meta = dict[str, dict[str, list[Record]]]
 
 
-def make_record(
-    img_path: str, mask_path: str, category: str, anomaly: int, defect: str = ""
-) -> Record:
+def make_record(img_path: str, mask_path: str, category: str, anomaly: int, defect: str = "") -> Record:
     """One meta.json record, with paths written POSIX-style relative to the dataset root."""
     return {
         "img_path": Path(img_path).as_posix(),
@@ -61,6 +60,33 @@ def write_meta_json(root: str | Path, meta: Meta, filename: str = META_FILENAME)
     return target
 
 
+def load_meta(root: str | Path, filename: str = META_FILENAME) -> Meta:
+    """Read ``<root>/<filename>`` with split keys lower-cased (one published generator writes ``"Test"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: the file is not valid JSON or not ``{split: {category: [record, ...]}}``.
+    """
+    path = Path(root) / filename
+    try:
+        with open(path) as handle:
+            raw = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path} is not valid JSON ({error}).\n"
+            "Fix: it was probably cut short by an interrupted write; regenerate it with "
+            "python -m anomret.data.prepare NAME ROOT --force."
+        ) from error
+    if not isinstance(raw, dict) or not all(
+        isinstance(per_category, dict | None) for per_category in raw.values()
+    ):
+        raise DataError(
+            f"{path} is not a meta.json index: expected {{split: {{category: [record, ...]}}}} with splits "
+            f"{SPLITS}.\nFix: regenerate it with python -m anomret.data.prepare NAME ROOT --force."
+        )
+    return {str(split).lower(): dict(per_category or {}) for split, per_category in raw.items()}
+
+
 def _resolve(root: Path, path: str) -> Path:
     candidate = Path(path)
     if candidate.is_absolute():
@@ -71,6 +97,38 @@ def _resolve(root: Path, path: str) -> Path:
     if not joined.exists() and candidate.exists():
         return candidate.resolve()
     return joined
+
+
+def _sample(
+    root: Path, meta_path: Path, split: str, category: str, position: int, record: Any, source: str
+) -> Sample:
+    where = f"{meta_path}: {split}/{category} record {position}"
+    if not isinstance(record, dict) or not record.get("img_path"):
+        raise InvalidSampleError(
+            f"{where} has no img_path: {record!r}.\n"
+            "Fix: every record needs img_path, mask_path, cls_name, specie_name and anomaly (0 or 1)."
+        )
+    anomaly = record.get("anomaly")
+    if anomaly in (0, 1, "0", "1", True, False):
+        label = int(anomaly)
+    else:
+        raise InvalidSampleError(
+            f"{where} ({record['img_path']}) has anomaly={anomaly!r}; it must be 0 (normal) or 1 (anomalous).\n"
+            "Fix: correct the record in meta.json."
+        )
+    mask = record.get("mask_path") or ""
+    mask_path = _resolve(root, mask) if mask else None
+    if mask_path is not None and mask_path.is_dir():
+        mask_path = None
+    return Sample(
+        image_path=_resolve(root, record["img_path"]),
+        mask_path=mask_path,
+        category=record.get("cls_name") or category,
+        label=label,
+        split=split,
+        source=source,
+        defect=record.get("specie_name", "") or "",
+    )
 
 
 def read_meta_json(
@@ -84,32 +142,25 @@ def read_meta_json(
     """Read one split of ``<root>/meta.json`` into a ``SampleTable`` with absolute paths.
 
     Split keys are matched case-insensitively (one published generator writes ``"Test"``).
-    A ``mask_path`` that is empty or names a directory means "no mask".
+    A ``mask_path`` that is empty or names a directory means "no mask". Categories not in the split
+    yield no rows (:func:`anomret.data.sources.load_source` turns that into an error).
+
+    Raises:
+        SplitNotFoundError: the split is absent (also a ``KeyError``).
+        InvalidSampleError: a record lacks ``img_path`` or has an ``anomaly`` other than 0/1.
     """
     root = Path(root).resolve()
-    with open(root / filename) as handle:
-        meta = json.load(handle)
-    by_split = {str(key).lower(): value for key, value in meta.items()}
-    if split not in by_split:
-        raise KeyError(f"{root / filename} has no '{split}' split (has {sorted(by_split)})")
-    per_category: dict[str, list[Record]] = by_split[split] or {}
+    meta = load_meta(root, filename)
+    split = split.lower()
+    if split not in meta:
+        raise SplitNotFoundError(
+            f"{root / filename} has no '{split}' split (it has {sorted(meta)}).\n"
+            "Fix: choose one of those splits, or regenerate the index with the prepare command."
+        )
+    per_category = meta[split]
     wanted = list(per_category) if categories is None else list(categories)
     samples = []
     for category in wanted:
-        for record in per_category.get(category, []):
-            mask = record.get("mask_path") or ""
-            mask_path = _resolve(root, mask) if mask else None
-            if mask_path is not None and mask_path.is_dir():
-                mask_path = None
-            samples.append(
-                Sample(
-                    image_path=_resolve(root, record["img_path"]),
-                    mask_path=mask_path,
-                    category=record.get("cls_name", category),
-                    label=int(record["anomaly"]),
-                    split=split,
-                    source=source,
-                    defect=record.get("specie_name", "") or "",
-                )
-            )
+        for position, record in enumerate(per_category.get(category) or []):
+            samples.append(_sample(root, root / filename, split, category, position, record, source))
     return SampleTable(samples)

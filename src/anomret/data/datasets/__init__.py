@@ -1,1 +1,32 @@
-"""One reader/writer per benchmark family."""
+"""One reader per benchmark family, each turning a published folder layout into meta.json records.
+
+``DATASETS`` maps the dataset names used on the command line and in configs to their
+:class:`DatasetSpec`; :func:`get_spec` looks a name up case-insensitively, aliases included.
+"""
+
+from __future__ import annotations
+
+from anomret.data.datasets import brain, dagm, isic, kolektor, mvtec, polyp, visa
+from anomret.data.datasets.layout import DatasetSpec
+
+# The 16 datasets of the MRAD paper, industrial first, in the order of its tables.
+_ORDER = (
+    "mvtec", "visa", "btad", "mpdd", "dtd", "sdd", "ksdd2", "dagm",
+    "headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir", "endo",
+)  # fmt: skip
+
+_ALL = {
+    spec.name: spec for module in (mvtec, visa, kolektor, dagm, brain, isic, polyp) for spec in module.SPECS
+}
+
+DATASETS: dict[str, DatasetSpec] = {name: _ALL[name] for name in _ORDER}
+
+_LOOKUP = {alias.lower(): spec for spec in DATASETS.values() for alias in (spec.name, *spec.aliases)}
+
+
+def get_spec(name: str) -> DatasetSpec | None:
+    """The spec of a known dataset (case-insensitive, aliases accepted), or ``None``."""
+    return _LOOKUP.get(name.strip().lower())
+
+
+__all__ = ["DATASETS", "DatasetSpec", "get_spec"]

@@ -1,0 +1,78 @@
+"""``AnomalyDataset``: a ``SampleTable`` read through an encoder's preprocessing.
+
+Items are plain dicts, so PyTorch's default collate batches them (strings become lists)::
+
+    {"image": float32 [3, crop, crop], "mask": float32 [mask_size, mask_size] in {0, 1},
+     "label": int64 scalar, "category": str, "image_path": str, "index": int}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from anomret.data.errors import InvalidSampleError
+from anomret.data.io import read_image, read_mask
+from anomret.data.samples import SampleTable
+from anomret.data.transforms import ImageTransform, MaskTransform
+from anomret.encoders.base import Preprocess
+
+
+class AnomalyDataset(Dataset):
+    """Images and ground-truth masks of a sample table, preprocessed for one encoder.
+
+    Args:
+        samples: rows to serve, in order (``index`` in each item is the row number).
+        preprocess: the encoder's square resize, centre crop and normalisation.
+        mask_size: side of the returned masks; defaults to ``preprocess.crop``.
+        mask_threshold: resized masks are binarised with ``> mask_threshold``.
+
+    Normal images, and anomalous images of datasets without pixel annotations, get an all-zero mask.
+    """
+
+    def __init__(
+        self,
+        samples: SampleTable,
+        preprocess: Preprocess,
+        mask_size: int | None = None,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.samples = samples
+        self.preprocess = preprocess
+        self.image_transform = ImageTransform(preprocess)
+        self.mask_transform = MaskTransform(preprocess, mask_size, mask_threshold)
+
+    @property
+    def mask_size(self) -> int:
+        return self.mask_transform.mask_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.image_path)
+        if sample.is_anomalous and sample.mask_path is not None:
+            mask = read_mask(sample.mask_path)
+            # Checked here too because validation may have been skipped (validate=False).
+            if mask.shape != image.shape[:2]:
+                raise InvalidSampleError(
+                    f"mask and image sizes differ: image {sample.image_path} is "
+                    f"{image.shape[1]}x{image.shape[0]}, mask {sample.mask_path} is "
+                    f"{mask.shape[1]}x{mask.shape[0]} (width x height).\n"
+                    "Fix: the mask belongs to another image or was resized; correct the pairing in meta.json "
+                    "or re-create the mask at the image's size."
+                )
+            mask_tensor = self.mask_transform(mask)
+        else:
+            mask_tensor = self.mask_transform.empty()
+        return {
+            "image": self.image_transform(image),
+            "mask": mask_tensor,
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "category": sample.category,
+            "image_path": str(sample.image_path),
+            "index": index,
+        }
