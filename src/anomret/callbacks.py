@@ -87,7 +87,8 @@ class OverlayWriter(Callback):
                     mask=batch["mask"][i].detach().cpu().numpy() > 0.5,
                     score=float(scores[i]),
                     label=label,
-                    name=Path(batch["image_path"][i]).stem,
+                    # The defect folder disambiguates stems repeated across defect types (MVTec: 000.png).
+                    name=f"{Path(batch['image_path'][i]).parent.name}_{Path(batch['image_path'][i]).stem}",
                 )
             )
 
@@ -99,14 +100,14 @@ class OverlayWriter(Callback):
             vmin, vmax = self._ranges[category]
             panels, captions = [], []
             for index, item in enumerate(kept):
-                caption = f"{category}/{item.name} label={item.label} score={item.score:.4f}"
+                caption = f"{category}/{item.name}\nlabel {item.label}  score {item.score:.4f}"
                 panel = overlay_panel(item.image, item.anomaly_map, item.mask, vmin, vmax, caption=caption)
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in category)
                 self.written.append(
                     save_png(panel, self.output_dir / "overlays" / safe / f"{index:02d}_{item.name}.png")
                 )
                 panels.append(panel)
-                captions.append(caption)
+                captions.append(caption.replace("\n", "  "))
             for logger in wandb_loggers:
                 logger.log_image(key=f"overlays/{category}", images=panels, caption=captions)
         log.info("wrote %d overlay images to %s", len(self.written), self.output_dir / "overlays")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from rich.console import Console
 from anomret.metrics.report import EvaluationResult
 
 log = logging.getLogger(__name__)
+
+# Frozen encoders stay in eval mode during the fit pass on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
@@ -37,15 +41,12 @@ def instantiate_callbacks(config: DictConfig | None) -> list[lightning.Callback]
 def build(cfg: DictConfig, *, fit: bool) -> tuple[Any, Any, lightning.Trainer, list[Logger]]:
     """Instantiate encoder, datamodule, model, loggers and trainer from a composed config."""
     encoder = instantiate(cfg.encoder)
-    datamodule = instantiate(
-        cfg.data,
-        dataset=cfg.dataset,
-        aux_dataset=cfg.aux_dataset if fit else None,
-        preprocess=encoder.preprocess,
-        _recursive_=False,
+    # Built objects are passed to partials, not to instantiate(): Hydra would merge them into the
+    # config and turn dataclasses back into config nodes.
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        dataset=cfg.dataset, aux_dataset=cfg.aux_dataset if fit else None, preprocess=encoder.preprocess
     )
-    model = instantiate(
-        cfg.model,
+    model = instantiate(cfg.model, _partial_=True)(
         encoder=encoder,
         memory=instantiate(cfg.memory),
         retrieval=instantiate(cfg.retrieval),
@@ -82,7 +83,8 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
                     "(anomret.train prints and records the path of the bank it builds in artifacts.json)"
                 )
             model.load_memory(bank)
-        trainer.test(model, datamodule=datamodule)
+        # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.
+        trainer.test(model, datamodule=datamodule, verbose=False)
         if model.test_results is None:
             raise RuntimeError("the test pass did not finish; no results were written")
         result = model.test_results
@@ -90,7 +92,8 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
             {"method": getattr(model, "method", type(model).__name__), "dataset": cfg.dataset.name}
         )
         write_outputs(result, output_dir, loggers, artifacts={"bank": str(model.bank_path)})
-        Console().print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({cfg.model._target_})"))
+        console = Console(width=max(Console().width, 120))  # log files are not terminals: keep columns whole
+        console.print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({cfg.model._target_})"))
         log.info("results written to %s", output_dir)
         if fit:
             log.info(

@@ -69,7 +69,7 @@ def overlay_panel(
     alpha: float = 0.5,
     caption: str = "",
 ) -> np.ndarray:
-    """Side-by-side panel: input with mask outline | heat map over the input, with a caption strip."""
+    """Side-by-side panel: input with mask outline | heat map over the input, under a caption (may be multi-line)."""
     left = image.copy()
     if mask is not None and mask.any():
         left[outline(mask.astype(bool))] = (0, 255, 0)
@@ -80,8 +80,11 @@ def overlay_panel(
     panel = np.concatenate([left, np.full((image.shape[0], 4, 3), 255, np.uint8), right], axis=1)
     if not caption:
         return panel
-    strip = Image.new("RGB", (panel.shape[1], 14), (255, 255, 255))
-    ImageDraw.Draw(strip).text((2, 1), caption, fill=(0, 0, 0))
+    lines = caption.splitlines()
+    strip = Image.new("RGB", (panel.shape[1], 2 + 11 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        draw.text((2, 1 + 11 * row), line, fill=(0, 0, 0))
     return np.concatenate([np.asarray(strip), panel], axis=0)
 
 
