@@ -1,0 +1,159 @@
+"""TimmViTEncoder: tiny random timm ViTs (plain and DINOv3-family with registers), weights, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from anomret.encoders.timm_vit import TimmViTEncoder
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "encoder"
+TINY_DINOV3 = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+def tiny_dinov3(**overrides) -> TimmViTEncoder:
+    kwargs = {
+        "model_name": "vit_base_patch16_dinov3",
+        "layers": [0, 2, 3],
+        "image_size": 64,
+        "model_kwargs": TINY_DINOV3,
+    }
+    kwargs.update(overrides)
+    return TimmViTEncoder(**kwargs)
+
+
+def test_tiny_vit_config_builds_fast_and_returns_grids():
+    encoder = instantiate(OmegaConf.load(CONF / "tiny_vit.yaml"))
+    features = encoder(torch.randn(8, 3, 64, 64))
+    assert encoder.layers == (1, 3)
+    assert encoder.grid_size == 8
+    assert features.cls.shape == (8, 64)
+    assert set(features.patches) == {1, 3}
+    assert all(grid.shape == (8, 8, 8, 64) for grid in features.patches.values())
+    assert features.projected == {}
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()  # Lightning calls this; a frozen extractor must stay in eval mode
+    assert not encoder.model.training
+
+
+def test_dinov3_layers_norm_and_registers_match_manual_block_iteration():
+    encoder = tiny_dinov3()
+    model = encoder.model
+    assert model.num_prefix_tokens == 5  # CLS + 4 registers, as DINOv3
+    images = torch.randn(2, 3, 64, 64)
+    features = encoder(images)
+
+    with torch.no_grad():
+        x = model.patch_embed(images)
+        x, rope = model._pos_embed(x)
+        x = model.norm_pre(x)
+        outputs = {}
+        for index, block in enumerate(model.blocks):
+            x = block(x, rope=rope)
+            outputs[index] = model.norm(x)
+    for layer in (0, 2, 3):
+        expected = outputs[layer][:, 5:].reshape(2, 4, 4, 32)  # registers dropped, row-major grid
+        torch.testing.assert_close(features.patches[layer], expected)
+    torch.testing.assert_close(features.cls, outputs[3][:, 0])
+    # A grid built from the wrong token offset (registers kept) would not match.
+    assert not torch.allclose(features.patches[3], outputs[3][:, 1:17].reshape(2, 4, 4, 32))
+
+
+def test_layer_order_is_normalised_and_out_of_range_rejected():
+    assert tiny_dinov3(layers=[3, 0, 2, 2]).layers == (0, 2, 3)
+    with pytest.raises(ValueError, match="block indices"):
+        tiny_dinov3(layers=[4])
+
+
+def test_random_weights_are_announced_and_seeded(caplog):
+    with caplog.at_level(logging.WARNING):
+        first = tiny_dinov3()
+    assert "RANDOM weights" in caplog.text and first.name in caplog.text
+    images = torch.randn(1, 3, 64, 64)
+    again = tiny_dinov3()
+    other = tiny_dinov3(seed=1)
+    torch.testing.assert_close(first(images).cls, again(images).cls)
+    assert not torch.allclose(first(images).cls, other(images).cls)
+    assert first.fingerprint() == again.fingerprint()
+    assert first.fingerprint()["weights"] == {"kind": "random", "seed": 0}
+    assert json.loads(json.dumps(first.fingerprint())) == first.fingerprint()  # JSON-native, stored in banks
+    assert other.fingerprint() != first.fingerprint()
+
+
+def test_global_rng_is_untouched_by_construction():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_dinov3(seed=7)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path, suffix, caplog):
+    source = tiny_dinov3(seed=3)
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = tiny_dinov3(pretrained=str(path), seed=0)
+    assert "RANDOM" not in caplog.text
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images).patches[3], source(images).patches[3])
+    weights = loaded.fingerprint()["weights"]
+    assert weights["kind"] == "file" and weights["path"] == str(path.resolve())
+    assert weights["size"] == path.stat().st_size and len(weights["sha256_head_tail"]) == 64
+
+
+def test_fingerprint_follows_layers_image_size_and_weights(tmp_path):
+    base = tiny_dinov3().fingerprint()
+    assert tiny_dinov3(layers=[3]).fingerprint() != base
+    assert tiny_dinov3(image_size=96).fingerprint() != base
+    assert tiny_dinov3(neighbor_kernels=[1, 3]).fingerprint() != base
+    path = tmp_path / "w.safetensors"
+    save_file(dict(tiny_dinov3().model.state_dict()), str(path))
+    from_file = tiny_dinov3(pretrained=str(path)).fingerprint()
+    assert from_file != base and from_file["weights"]["kind"] == "file"
+
+
+def test_image_size_changes_grid_and_must_divide_by_patch():
+    encoder = tiny_dinov3(image_size=96)
+    assert encoder.grid_size == 6
+    assert encoder(torch.randn(1, 3, 96, 96)).patches[0].shape == (1, 6, 6, 32)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        tiny_dinov3(image_size=70)
+
+
+def test_neighbor_kernels_are_applied_to_every_grid():
+    images = torch.randn(1, 3, 64, 64)
+    raw = tiny_dinov3()(images)
+    smoothed = tiny_dinov3(neighbor_kernels=[1, 3, 5])(images)
+    from anomret.encoders.postprocess import neighbor_average
+
+    for layer in raw.patches:
+        torch.testing.assert_close(smoothed.patches[layer], neighbor_average(raw.patches[layer], [1, 3, 5]))
+    torch.testing.assert_close(smoothed.cls, raw.cls)  # CLS is a global token: never smoothed
+
+
+def test_missing_file_and_unknown_tag_are_errors():
+    from anomret.encoders.weights import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        tiny_dinov3(pretrained="/nonexistent/weights.safetensors")
+    with pytest.raises(WeightsUnavailableError, match="unknown timm tag 'nope'"):
+        tiny_dinov3(pretrained="nope")
+
+
+def test_bf16_autocast_on_cpu_returns_fp32_features():
+    features = tiny_dinov3(precision="bf16")(torch.randn(1, 3, 64, 64))
+    assert features.cls.dtype == torch.float32 and features.patches[3].dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        tiny_dinov3(precision="int8")
