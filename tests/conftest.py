@@ -50,6 +50,8 @@ def compose_config(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False
+            cfg.callbacks.progress_bar = None
+            del cfg["hydra"]  # as in a real run: the task sees its config without the hydra node
         return cfg
 
     yield _compose

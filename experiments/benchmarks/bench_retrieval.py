@@ -27,7 +27,9 @@ def measure(bank_size: int, key_chunk: int, device: str, repeats: int) -> dict:
     from anomret.retrieval import softmax_retrieve
 
     generator = torch.Generator().manual_seed(0)
-    query = torch.nn.functional.normalize(torch.randn(8, 37, 37, 1024, generator=generator), dim=-1).to(device)
+    query = torch.nn.functional.normalize(torch.randn(8, 37, 37, 1024, generator=generator), dim=-1).to(
+        device
+    )
     keys = torch.nn.functional.normalize(torch.randn(bank_size, 1024, generator=generator), dim=-1).to(device)
     values = torch.nn.functional.one_hot(torch.arange(bank_size) % 2, 2).float().to(device)
     baseline = _rss_mib()
@@ -67,7 +69,9 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(measure(args.one, args.key_chunk, args.device, args.repeats)))
         return
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
+    )
     print("| bank entries | key chunk | s / batch of 8 | extra peak RSS (MiB) | inputs (MiB) |")
     print("|---:|---:|---:|---:|---:|")
     for size in args.sizes:

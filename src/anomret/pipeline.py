@@ -53,7 +53,9 @@ def build(cfg: DictConfig, *, fit: bool) -> tuple[Any, Any, lightning.Trainer, l
         evaluator=instantiate(cfg.evaluation),
     )
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg.get("callbacks")))
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg.get("callbacks"))
+    )
     return datamodule, model, trainer, loggers
 
 

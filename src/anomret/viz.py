@@ -40,7 +40,9 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
 
 
-def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None) -> np.ndarray:
+def denormalize(
+    image: Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
+) -> np.ndarray:
     """A normalised ``[3, H, W]`` tensor back to uint8 ``[size, size, 3]``."""
     image = image.detach().float().cpu()
     if size is not None and image.shape[-1] != size:
@@ -54,9 +56,7 @@ def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float], size
 def outline(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels of a boolean mask (the mask minus its 4-neighbour erosion)."""
     padded = np.pad(mask, 1, mode="edge")
-    eroded = (
-        padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    )
+    eroded = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return mask & ~eroded
 
 

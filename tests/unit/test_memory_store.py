@@ -1,8 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from anomret.data.samples import Sample
 from anomret.memory.store import (
     BankError,
     BankStatus,
@@ -12,7 +14,6 @@ from anomret.memory.store import (
     read_bank_metadata,
     save_bank,
 )
-from anomret.data.samples import Sample
 
 ENCODER = {"name": "tiny", "weights": "random:0", "image_size": 64}
 BUILD = {"data": {"digest": "abc"}, "max_patch_entries": None}
@@ -37,7 +38,7 @@ def test_check_bank_statuses(tmp_path):
     assert check_bank(path, ENCODER, BUILD).status is BankStatus.MATCH
     stale = check_bank(path, ENCODER, {**BUILD, "max_patch_entries": 100})
     assert stale.status is BankStatus.STALE and "max_patch_entries" in stale.reason
-    with pytest.raises(BankError, match="another encoder.*image_size"):
+    with pytest.raises(BankError, match=r"another encoder.*image_size"):
         check_bank(path, {**ENCODER, "image_size": 518}, BUILD)
 
 
@@ -58,7 +59,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     import anomret.memory.store as store
 
     def exploding_save(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+        Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store, "save_file", exploding_save)

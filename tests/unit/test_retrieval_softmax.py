@@ -48,7 +48,9 @@ def test_rows_sum_to_one_and_retriever_normalises():
     values = torch.nn.functional.one_hot(torch.arange(10) % 2, 2).float()
     query = torch.randn(6, 8, generator=gen)
     out = SoftmaxRetriever()(query * 50, keys, values)  # scale must not matter after normalisation
-    torch.testing.assert_close(out, softmax_retrieve(torch.nn.functional.normalize(query, dim=-1), keys, values))
+    torch.testing.assert_close(
+        out, softmax_retrieve(torch.nn.functional.normalize(query, dim=-1), keys, values)
+    )
     torch.testing.assert_close(out.sum(-1), torch.ones(6))
 
 

@@ -32,7 +32,8 @@ def test_panel_is_saved_as_png(tmp_path):
     image = np.zeros((16, 16, 3), np.uint8)
     mask = np.zeros((16, 16), bool)
     mask[4:8, 4:8] = True
-    panel = overlay_panel(image, np.random.rand(16, 16), mask, 0.0, 1.0, caption="bottle/000")
+    heat = np.random.default_rng(0).random((16, 16))
+    panel = overlay_panel(image, heat, mask, 0.0, 1.0, caption="bottle/000")
     assert panel.shape[1] == 16 * 2 + 4 and panel.shape[0] > 16
     path = save_png(panel, tmp_path / "a" / "panel.png")
     from PIL import Image

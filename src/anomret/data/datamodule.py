@@ -120,7 +120,9 @@ class AnomalyDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.aux_samples is None:
             if self.aux_spec is None:
-                raise ValueError("this run needs an aux_dataset (memory/training source); set aux_dataset=NAME")
+                raise ValueError(
+                    "this run needs an aux_dataset (memory/training source); set aux_dataset=NAME"
+                )
             self.aux_samples = self.aux_spec.load()
             log.info("memory/training source: %s", self.aux_spec.describe(self.aux_samples))
         if stage in ("test", "predict", None) and self.test_samples is None:

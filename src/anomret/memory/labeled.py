@@ -94,9 +94,7 @@ def patch_cell_labels(masks: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Ten
     return resized >= 1 - _EXACT, resized <= _EXACT
 
 
-def region_prototypes(
-    patches: Tensor, masks: Tensor
-) -> tuple[Tensor, Tensor]:
+def region_prototypes(patches: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     """Region prototypes of a batch: patch grids ``[B, h, w, C]`` and binary masks ``[B, H, W]``.
 
     Returns keys ``[P, C]`` (L2-normalised means) and one-hot values ``[P, 2]``, in image order,
@@ -138,7 +136,9 @@ class LabeledBankBuilder:
         if empty:
             # The official code keeps such images (their whole grid becomes a normal prototype); say so,
             # because it usually means the auxiliary masks are missing.
-            log.warning("%d anomalous auxiliary image(s) have an empty mask; their patches count as normal", empty)
+            log.warning(
+                "%d anomalous auxiliary image(s) have an empty mask; their patches count as normal", empty
+            )
         self._image_keys.append(F.normalize(cls.detach().float(), dim=-1).cpu())
         self._image_values.append(F.one_hot(labels.long().cpu(), 2).float())
         keys, values = region_prototypes(patches.detach(), masks)
@@ -149,7 +149,9 @@ class LabeledBankBuilder:
     def n_images(self) -> int:
         return sum(k.shape[0] for k in self._image_keys)
 
-    def _subsample(self, keys: Tensor, values: Tensor, limit: int | None, offset: int) -> tuple[Tensor, Tensor]:
+    def _subsample(
+        self, keys: Tensor, values: Tensor, limit: int | None, offset: int
+    ) -> tuple[Tensor, Tensor]:
         if limit is None or keys.shape[0] <= limit:
             return keys, values
         generator = torch.Generator().manual_seed(self.seed + offset)

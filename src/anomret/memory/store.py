@@ -134,9 +134,7 @@ def check_bank(path: str | Path, encoder: dict[str, Any], build: dict[str, Any])
     stored_encoder = metadata.get("encoder", {})
     if digest(stored_encoder) != digest(encoder):
         differences = sorted(
-            key
-            for key in set(stored_encoder) | set(encoder)
-            if stored_encoder.get(key) != encoder.get(key)
+            key for key in set(stored_encoder) | set(encoder) if stored_encoder.get(key) != encoder.get(key)
         )
         raise BankError(
             f"memory bank {path} was built by another encoder "

@@ -64,7 +64,9 @@ class MRADScorer(nn.Module):
         self.top_k_ratio = top_k_ratio
         self.layer = max(encoder.layers) if layer is None else layer
         if self.layer not in encoder.layers:
-            raise ValueError(f"layer {self.layer} is not extracted by encoder {encoder.name} ({encoder.layers})")
+            raise ValueError(
+                f"layer {self.layer} is not extracted by encoder {encoder.name} ({encoder.layers})"
+            )
         self.bank: LabeledMemoryBank | None = None
 
     @torch.no_grad()
@@ -123,7 +125,8 @@ class MRADTF(LightningModule):
         layer: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "memory", "retrieval", "evaluator"])
+        # logger=False: the run logs its whole resolved config once; this would log a subset again.
+        self.save_hyperparameters(ignore=["encoder", "memory", "retrieval", "evaluator"], logger=False)
         self.automatic_optimization = False
         self.scorer = MRADScorer(
             encoder, retrieval, AnomalyMapper(map_size, map_sigma), image_score_weight, top_k_ratio, layer
@@ -211,7 +214,9 @@ class MRADTF(LightningModule):
                 f"masks are {tuple(masks.shape[-2:])} but anomaly maps {tuple(output.anomaly_map.shape[-2:])}: "
                 "set data.mask_size to the model's map_size"
             )
-        self.evaluator.update(batch["category"], output.image_score, batch["label"], output.anomaly_map, masks)
+        self.evaluator.update(
+            batch["category"], output.image_score, batch["label"], output.anomaly_map, masks
+        )
         return {"anomaly_map": output.anomaly_map, "image_score": output.image_score}
 
     def on_test_epoch_end(self) -> None:
