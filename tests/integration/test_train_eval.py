@@ -100,6 +100,8 @@ def test_eval_reproduces_train_results_from_the_saved_bank(compose_config, tmp_p
             assert evaluated.per_category[category][metric] == pytest.approx(value, abs=1e-9)
     with pytest.raises(ValueError, match=r"memory\.path"):
         run(compose_config(["+experiment=demo"], config_name="eval"), fit=False)
+    with pytest.raises(BankError, match="another encoder"):
+        run(compose_config(["+experiment=demo", f"memory.path={bank}", "encoder.seed=1"], "eval"), fit=False)
 
 
 def test_eval_cli_on_a_saved_bank(compose_config, tmp_path, data_dir):
