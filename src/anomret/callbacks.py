@@ -1,16 +1,23 @@
-"""Lightning callbacks: anomaly-map overlays saved as PNGs and logged to image-capable loggers."""
+"""Lightning callbacks: test overlays (saved and logged to W&B) and streamed prediction outputs."""
 
 from __future__ import annotations
 
+import csv
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
+from anomret.data.io import read_image
+from anomret.data.transforms import SquareResizeCrop
+from anomret.encoders.base import Preprocess
 from anomret.viz import denormalize, overlay_panel, save_png
 
 log = logging.getLogger(__name__)
@@ -111,3 +118,98 @@ class OverlayWriter(Callback):
             for logger in wandb_loggers:
                 logger.log_image(key=f"overlays/{category}", images=panels, caption=captions)
         log.info("wrote %d overlay images to %s", len(self.written), self.output_dir / "overlays")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Streams predictions to disk: one ``.npy`` map per image, ``predictions.csv``, then overlays.
+
+    Maps are written batch by batch, so memory does not grow with the number of images. Overlays are
+    drawn at the end, from the saved maps, on one colour range for the whole input (its 1st to 99.9th
+    percentile of map values), so images can be compared with each other.
+
+    Args:
+        output_dir: where ``predictions.csv``, ``maps/`` and ``overlays/`` go.
+        preprocess: the encoder's preprocessing, to draw overlays on the pixels the maps cover.
+        save_maps: keep the ``.npy`` anomaly maps (they are still used for the overlays).
+        overlays: draw overlay PNGs.
+    """
+
+    def __init__(
+        self, output_dir: str, preprocess: Preprocess, save_maps: bool = True, overlays: bool = True
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.preprocess = preprocess
+        self.save_maps = save_maps
+        self.overlays = overlays
+        self.rows: list[dict[str, Any]] = []
+        self._samples: list[np.ndarray] = []
+        self._names: dict[str, str] = {}
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows, self._samples, self._names = [], [], {}
+
+    def _output(self, folder: str, image_path: str, category: str, suffix: str) -> Path:
+        if image_path not in self._names:
+            path = Path(image_path)
+            taken = set(self._names.values())
+            name = f"{category}/{path.stem}"
+            # a.png and a.jpg in one folder must not overwrite each other's outputs.
+            self._names[image_path] = name if name not in taken else f"{name}_{path.suffix.lstrip('.')}"
+        return self.output_dir / folder / f"{self._names[image_path]}{suffix}"
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        maps = prediction["anomaly_map"].detach().float().cpu().numpy()
+        scores = {k: v.detach().float().cpu() for k, v in prediction.items() if k != "anomaly_map"}
+        for i, image_path in enumerate(batch["image_path"]):
+            map_path = self._output("maps", image_path, batch["category"][i], ".npy")
+            map_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(map_path, maps[i])
+            # A strided subsample is enough to place the colour range; all values would not fit in memory.
+            self._samples.append(maps[i].reshape(-1)[:: max(1, maps[i].size // 4096)])
+            row = {"image_path": image_path, "category": batch["category"][i]}
+            row.update({name: float(values[i]) for name, values in scores.items()})
+            row["map_max"] = float(maps[i].max())
+            self.rows.append(row)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not self.rows:
+            return
+        self._write_csv()
+        if self.overlays:
+            self._draw_overlays()
+        if not self.save_maps:
+            shutil.rmtree(self.output_dir / "maps", ignore_errors=True)
+        log.info("wrote predictions for %d images to %s", len(self.rows), self.output_dir)
+
+    def _write_csv(self) -> None:
+        path = self.output_dir / "predictions.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(path)
+
+    def _draw_overlays(self) -> None:
+        preprocess = self.preprocess
+        values = np.concatenate(self._samples)
+        vmin, vmax = float(np.percentile(values, 1)), float(np.percentile(values, 99.9))
+        geometry = SquareResizeCrop(preprocess.resize, preprocess.crop)
+        for row in self.rows:
+            anomaly_map = np.load(self._output("maps", row["image_path"], row["category"], ".npy"))
+            size = anomaly_map.shape[-1]
+            image = geometry(Image.fromarray(read_image(row["image_path"])), preprocess.interpolation)
+            image = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+            caption = f"{row['category']}/{Path(row['image_path']).name}\nscore {row['image_score']:.4f}"
+            panel = overlay_panel(image, anomaly_map, None, vmin, vmax, caption=caption)
+            save_png(panel, self._output("overlays", row["image_path"], row["category"], ".png"))

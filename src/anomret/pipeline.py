@@ -1,4 +1,4 @@
-"""One run, shared by ``anomret.train`` and ``anomret.eval``: compose components, fit, test, report.
+"""Runs shared by the entry points: compose components, fit, test and report (train/eval), or predict.
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
 ``results.json``, ``results.csv`` (per category and mean), ``overlays/`` and the logger files.
@@ -14,10 +14,16 @@ from typing import Any
 
 import lightning
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
 
+from anomret.callbacks import PredictionWriter
+from anomret.data.dataset import AnomalyDataset
+from anomret.data.folder import image_folder_samples
 from anomret.metrics.report import EvaluationResult
 
 log = logging.getLogger(__name__)
@@ -38,25 +44,39 @@ def instantiate_callbacks(config: DictConfig | None) -> list[lightning.Callback]
     return [instantiate(entry) for entry in config.values() if entry is not None and "_target_" in entry]
 
 
-def build(cfg: DictConfig, *, fit: bool) -> tuple[Any, Any, lightning.Trainer, list[Logger]]:
-    """Instantiate encoder, datamodule, model, loggers and trainer from a composed config."""
-    encoder = instantiate(cfg.encoder)
-    # Built objects are passed to partials, not to instantiate(): Hydra would merge them into the
+def build_model(cfg: DictConfig, encoder: Any) -> Any:
+    # Built objects are passed to a partial, not to instantiate(): Hydra would merge them into the
     # config and turn dataclasses back into config nodes.
-    datamodule = instantiate(cfg.data, _partial_=True)(
-        dataset=cfg.dataset, aux_dataset=cfg.aux_dataset if fit else None, preprocess=encoder.preprocess
-    )
-    model = instantiate(cfg.model, _partial_=True)(
+    return instantiate(cfg.model, _partial_=True)(
         encoder=encoder,
         memory=instantiate(cfg.memory),
         retrieval=instantiate(cfg.retrieval),
         evaluator=instantiate(cfg.evaluation),
     )
+
+
+def build(cfg: DictConfig, *, fit: bool) -> tuple[Any, Any, lightning.Trainer, list[Logger]]:
+    """Instantiate encoder, datamodule, model, loggers and trainer from a composed config."""
+    encoder = instantiate(cfg.encoder)
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        dataset=cfg.dataset, aux_dataset=cfg.aux_dataset if fit else None, preprocess=encoder.preprocess
+    )
+    model = build_model(cfg, encoder)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg.get("callbacks"))
     )
     return datamodule, model, trainer, loggers
+
+
+def saved_bank(cfg: DictConfig, entry_point: str) -> str:
+    bank = cfg.memory.get("path")
+    if not bank:
+        raise ValueError(
+            f"anomret.{entry_point} needs a memory bank: pass memory.path=/path/to/bank.safetensors "
+            "(anomret.train prints and records the path of the bank it builds in artifacts.json)"
+        )
+    return bank
 
 
 def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
@@ -78,13 +98,7 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
                 if trainer.interrupted:
                     raise RuntimeError("the fit pass was interrupted; nothing was saved, rerun to rebuild")
         else:
-            bank = cfg.memory.get("path")
-            if not bank:
-                raise ValueError(
-                    "anomret.eval needs a memory bank: pass memory.path=/path/to/bank.safetensors "
-                    "(anomret.train prints and records the path of the bank it builds in artifacts.json)"
-                )
-            model.load_memory(bank)
+            model.load_memory(saved_bank(cfg, "eval"))
         # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.
         trainer.test(model, datamodule=datamodule, verbose=False)
         if model.test_results is None:
@@ -130,3 +144,35 @@ def write_outputs(
             logger.log_table(key="results/per_category", columns=columns, data=rows)
             for metric, value in result.mean.items():
                 logger.experiment.summary[f"mean/{metric}"] = value
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
+    lightning.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    samples = image_folder_samples(cfg.input)
+    encoder = instantiate(cfg.encoder)
+    model = build_model(cfg, encoder)
+    model.load_memory(saved_bank(cfg, "predict"))
+    loader = DataLoader(
+        AnomalyDataset(samples, encoder.preprocess, cfg.data.mask_size),
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    writer = PredictionWriter(str(output_dir), encoder.preprocess, **cfg.predict)
+    progress = [c for c in instantiate_callbacks(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer, *progress])
+    log.info("predicting %d images from %s", len(samples), cfg.input)
+    trainer.predict(model, dataloaders=loader, return_predictions=False)
+
+    table = Table(title=f"highest image scores of {len(writer.rows)} (all in predictions.csv)")
+    for column in ("image", "image_score"):
+        table.add_column(column, justify="right" if column == "image_score" else "left")
+    for row in sorted(writer.rows, key=lambda r: r["image_score"], reverse=True)[: cfg.get("show_top", 10)]:
+        table.add_row(f"{row['category']}/{Path(row['image_path']).name}", f"{row['image_score']:.4f}")
+    Console(width=max(Console().width, 120)).print(table)
+    log.info("predictions written to %s", output_dir)
+    return output_dir / "predictions.csv"

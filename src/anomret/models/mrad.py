@@ -219,6 +219,15 @@ class MRADTF(LightningModule):
         )
         return {"anomaly_map": output.anomaly_map, "image_score": output.image_score}
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        output = self.scorer(batch["image"])
+        return {
+            "anomaly_map": output.anomaly_map,
+            "image_score": output.image_score,
+            "image_retrieval": output.image_retrieval,
+            "map_score": output.map_score,
+        }
+
     def on_test_epoch_end(self) -> None:
         self.test_results = self.evaluator.compute()
         logged = {}
