@@ -95,8 +95,6 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
             datamodule.setup("fit")
             if not model.prepare_memory(datamodule.aux_samples, datamodule.aux_spec.name):
                 trainer.fit(model, datamodule=datamodule)
-                if trainer.interrupted:
-                    raise RuntimeError("the fit pass was interrupted; nothing was saved, rerun to rebuild")
         else:
             model.load_memory(saved_bank(cfg, "eval"))
         # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.

@@ -202,9 +202,18 @@ class MRADTF(LightningModule):
         return None  # nothing trains in MRAD-TF
 
     # ------------------------------------------------------------------------------------- test
+    def _bank_to_device(self) -> None:
+        # A cached bank is loaded before the Trainer moves the model; follow it to its device.
+        if self.scorer.bank is not None:
+            self.scorer.set_bank(self.scorer.bank)
+
     def on_test_start(self) -> None:
+        self._bank_to_device()
         self.evaluator.reset()
         self.test_results = None
+
+    def on_predict_start(self) -> None:
+        self._bank_to_device()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         output = self.scorer(batch["image"])
