@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine  # sibling module: run these scripts as files
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "encoder"
 DEFAULT_ENCODERS = ("clip_vit_l14_336", "dinov3_vitb16", "dinov2_vitb14", "clip_vit_b16")
@@ -78,21 +78,6 @@ def measure(name: str, device: str, batch_size: int, iters: int, warmup: int, pr
     return result
 
 
-def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if device == "cuda":
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -141,7 +126,7 @@ def main() -> None:
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"done: {name}", file=sys.stderr)
 
-    print(f"machine: {machine(args.device)}")
+    print(f"machine: {describe_machine(args.device)}")
     print(f"command: {' '.join(sys.argv)}")
     gpu = args.device == "cuda"
     header = (
@@ -159,7 +144,9 @@ def main() -> None:
         row += f" {r['peak_gpu_mib']:.0f} |" if gpu else ""
         print(row)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(args.device), "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": describe_machine(args.device), "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from machine import describe_machine  # sibling module: run these scripts as files
 
 N_IMAGES, N_NORMAL, SIZE = 130, 40, 518
 HERE = Path(__file__).resolve().parent
@@ -174,27 +174,7 @@ def make_data(data_dir: Path) -> dict[str, str]:
         f"{masks.mean():.2%} anomalous pixels; maps float32 ({data['maps'].nbytes / 2**20:.0f} MiB), "
         f"masks bool ({masks.nbytes / 2**20:.0f} MiB); built in {time.perf_counter() - start:.1f} s"
     )
-    return {"inputs": inputs, "machine": machine()}
-
-
-def machine() -> str:
-    import numpy as np
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} CPU cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}"
-    )
+    return {"inputs": inputs, "machine": describe_machine()}
 
 
 def _format_seconds(seconds: float) -> str:

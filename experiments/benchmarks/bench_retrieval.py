@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+from machine import describe_machine  # sibling module: run these scripts as files
 
 
 def _peak_rss_mib() -> float:
@@ -84,9 +84,7 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(measure(args.one, args.key_chunk, args.device, args.repeats)))
         return
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
-    )
+    print(f"machine: {describe_machine(args.device)}")
     print("| bank entries | key chunk | s / batch of 8 | extra peak RSS (MiB) | inputs (MiB) |")
     print("|---:|---:|---:|---:|---:|")
     for size in args.sizes:

@@ -32,6 +32,23 @@ def _has_defect(mask: Path) -> bool:
     return bool(read_mask(mask).any())
 
 
+def _add_labelled_folder(
+    builder: MetaBuilder, spec: DatasetSpec, split: str, folder: Path, mask_suffix: str
+) -> None:
+    """Add a folder of images each paired with a ``<stem><mask_suffix>`` label image; the label image
+    decides whether the image is anomalous (a blank label means a defect-free image)."""
+    files = list_images(folder)
+    masks = [path for path in files if path.stem.lower().endswith(mask_suffix)]
+    images = [path for path in files if not path.stem.lower().endswith(mask_suffix)]
+    pairs = pair_by_stem(images, masks, dataset=spec.name, mask_dir=folder)
+    for image in images:
+        mask = pairs[image]
+        defect = _has_defect(mask)
+        builder.add(
+            split, COMMUTATORS, image, mask if defect else None, int(defect), "defect" if defect else "good"
+        )
+
+
 def read_ksdd(root: Path, spec: DatasetSpec) -> Meta:
     """``ROOT/kosNN/PartK.jpg`` with ``PartK_label.bmp``; all images go to the test split."""
     parts = [folder for folder in subdirs(root) if _KOS.match(folder.name)]
@@ -42,21 +59,7 @@ def read_ksdd(root: Path, spec: DatasetSpec) -> Meta:
         raise spec.layout_error(root, "no kosNN/ folders")
     builder = MetaBuilder(root)
     for folder in parts:
-        files = list_images(folder)
-        labels = [path for path in files if path.stem.lower().endswith("_label")]
-        images = [path for path in files if not path.stem.lower().endswith("_label")]
-        pairs = pair_by_stem(images, labels, dataset=spec.name, mask_dir=folder)
-        for image in images:
-            mask = pairs[image]
-            defect = _has_defect(mask)
-            builder.add(
-                "test",
-                COMMUTATORS,
-                image,
-                mask if defect else None,
-                int(defect),
-                "defect" if defect else "good",
-            )
+        _add_labelled_folder(builder, spec, "test", folder, mask_suffix="_label")
     return builder.result(spec)
 
 
@@ -72,23 +75,8 @@ def read_ksdd2(root: Path, spec: DatasetSpec) -> Meta:
         raise spec.layout_error(root, "no test/ folder holding NNNNN.png + NNNNN_GT.png pairs")
     builder = MetaBuilder(root)
     for split, folder in split_dirs.items():
-        if folder is None:
-            continue
-        files = list_images(folder)
-        masks = [path for path in files if path.stem.lower().endswith("_gt")]
-        images = [path for path in files if not path.stem.lower().endswith("_gt")]
-        pairs = pair_by_stem(images, masks, dataset=spec.name, mask_dir=folder)
-        for image in images:
-            mask = pairs[image]
-            defect = _has_defect(mask)
-            builder.add(
-                split,
-                COMMUTATORS,
-                image,
-                mask if defect else None,
-                int(defect),
-                "defect" if defect else "good",
-            )
+        if folder is not None:
+            _add_labelled_folder(builder, spec, split, folder, mask_suffix="_gt")
     return builder.result(spec)
 
 
