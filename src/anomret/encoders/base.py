@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,31 @@ class Encoder(nn.Module, ABC):
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    def _set_input(
+        self,
+        image_size: int,
+        resize: int | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str,
+    ) -> None:
+        """Input side and preprocessing: square resize to ``resize`` (default ``image_size``), centre crop."""
+        self.image_size = int(image_size)
+        self.preprocess = Preprocess(
+            resize=int(resize or image_size),
+            crop=self.image_size,
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            interpolation=interpolation,
+        )
+
+    def _set_patch_size(self, patch: int | Sequence[int]) -> None:
+        self.patch_size = int(patch[0] if isinstance(patch, Sequence) else patch)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
+            )
 
     @abstractmethod
     def forward(self, images: Tensor) -> Features:

@@ -39,7 +39,7 @@ from open_clip.factory import load_checkpoint
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
-from anomret.encoders.base import Encoder, Features, Preprocess
+from anomret.encoders.base import Encoder, Features
 from anomret.encoders.postprocess import (
     as_kernels,
     autocast,
@@ -183,7 +183,7 @@ class CLIPEncoder(Encoder):
         super().__init__()
         self.name = name or arch
         self.arch = arch
-        self.image_size = int(image_size)
+        self._set_input(image_size, resize, mean, std, interpolation)
         self.model_kwargs: dict[str, Any] = plain(dict(model_kwargs or {}))
         self.cls_ln_post = bool(cls_ln_post)
         self.patch_ln_post = bool(patch_ln_post)
@@ -195,13 +195,6 @@ class CLIPEncoder(Encoder):
         self.pos_embed_interpolation = pos_embed_interpolation
         self.neighbor_kernels = as_kernels(neighbor_kernels)
         self.precision = check_precision(precision)
-        self.preprocess = Preprocess(
-            resize=int(resize or image_size),
-            crop=self.image_size,
-            mean=tuple(float(m) for m in mean),
-            std=tuple(float(s) for s in std),
-            interpolation=interpolation,
-        )
         self.weights = resolve_weights(pretrained, encoder_name=self.name, seed=seed)
 
         self.model = self._build(quick_gelu, cache_dir)
@@ -213,11 +206,7 @@ class CLIPEncoder(Encoder):
         self._check_supported(visual)
 
         patch = visual.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, Sequence) else patch)
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
-            )
+        self._set_patch_size(patch)
         self._resize_positions(visual)
 
         self.depth = len(visual.transformer.resblocks)
@@ -347,10 +336,6 @@ class CLIPEncoder(Encoder):
         return bounds[0], bounds[1]
 
     # ----------------------------------------------------------------------------------- forward
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
     def streams(self, images: Tensor, layers: Sequence[int] | None = None) -> CLIPStreams:
         """Run the visual tower once, keeping both streams at ``layers`` (default: ``self.layers``)."""
         visual = self.model.visual

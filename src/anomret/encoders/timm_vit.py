@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import Tensor
 
-from anomret.encoders.base import Encoder, Features, Preprocess
+from anomret.encoders.base import Encoder, Features
 from anomret.encoders.postprocess import (
     as_kernels,
     autocast,
@@ -88,18 +88,11 @@ class TimmViTEncoder(Encoder):
         super().__init__()
         self.name = name or model_name
         self.model_name = model_name
-        self.image_size = int(image_size)
+        self._set_input(image_size, resize, mean, std, interpolation)
         self.norm = bool(norm)
         self.neighbor_kernels = as_kernels(neighbor_kernels)
         self.precision = check_precision(precision)
         self.model_kwargs: dict[str, Any] = plain(dict(model_kwargs or {}))
-        self.preprocess = Preprocess(
-            resize=int(resize or image_size),
-            crop=self.image_size,
-            mean=tuple(float(m) for m in mean),
-            std=tuple(float(s) for s in std),
-            interpolation=interpolation,
-        )
         self.weights = resolve_weights(pretrained, encoder_name=self.name, seed=seed)
         self.model = self._build(cache_dir)
 
@@ -108,11 +101,7 @@ class TimmViTEncoder(Encoder):
         if not self.layers or self.layers[0] < 0 or self.layers[-1] >= depth:
             raise ValueError(f"layers must be 0-based block indices in [0, {depth - 1}], got {list(layers)}")
         patch = self.model.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, Sequence) else patch)
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}"
-            )
+        self._set_patch_size(patch)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         self.has_cls_token = getattr(self.model, "cls_token", None) is not None
         self.cls_dim = self.patch_dim = int(self.model.embed_dim)
@@ -161,10 +150,6 @@ class TimmViTEncoder(Encoder):
         if cfg.url:
             return str(fetch_url_file(cfg.url, tag=full_name, encoder_name=self.name, cache_dir=cache_dir))
         raise WeightsUnavailableError(f"encoder {self.name}: timm tag {full_name} has no download source")
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Features:
