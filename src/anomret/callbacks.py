@@ -18,9 +18,17 @@ from PIL import Image
 from anomret.data.io import read_image
 from anomret.data.transforms import SquareResizeCrop
 from anomret.encoders.base import Preprocess
-from anomret.viz import denormalize, overlay_panel, save_png
+from anomret.files import atomic_open
+from anomret.viz import overlay_panel, save_png
 
 log = logging.getLogger(__name__)
+
+
+def display_image(image_path: str, preprocess: Preprocess, size: int) -> np.ndarray:
+    """The pixels an anomaly map covers: the image through the encoder's resize and crop, at ``size``."""
+    geometry = SquareResizeCrop(preprocess.resize, preprocess.crop)
+    image = geometry(Image.fromarray(read_image(image_path)), preprocess.interpolation)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
 @dataclass
@@ -89,7 +97,8 @@ class OverlayWriter(Callback):
                 continue
             self._kept[category].append(
                 _Kept(
-                    image=denormalize(batch["image"][i], preprocess.mean, preprocess.std, maps.shape[-1]),
+                    # Read from disk: with the feature store, a batch may hold features instead of images.
+                    image=display_image(batch["image_path"][i], preprocess, maps.shape[-1]),
                     anomaly_map=maps[i].numpy(),
                     mask=batch["mask"][i].detach().cpu().numpy() > 0.5,
                     score=float(scores[i]),
@@ -192,24 +201,17 @@ class PredictionWriter(BasePredictionWriter):
         log.info("wrote predictions for %d images to %s", len(self.rows), self.output_dir)
 
     def _write_csv(self) -> None:
-        path = self.output_dir / "predictions.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_open(self.output_dir / "predictions.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(path)
 
     def _draw_overlays(self) -> None:
-        preprocess = self.preprocess
         values = np.concatenate(self._samples)
         vmin, vmax = float(np.percentile(values, 1)), float(np.percentile(values, 99.9))
-        geometry = SquareResizeCrop(preprocess.resize, preprocess.crop)
         for row in self.rows:
             anomaly_map = np.load(self._output("maps", row["image_path"], row["category"], ".npy"))
-            size = anomaly_map.shape[-1]
-            image = geometry(Image.fromarray(read_image(row["image_path"])), preprocess.interpolation)
-            image = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+            image = display_image(row["image_path"], self.preprocess, anomaly_map.shape[-1])
             caption = f"{row['category']}/{Path(row['image_path']).name}\nscore {row['image_score']:.4f}"
             panel = overlay_panel(image, anomaly_map, None, vmin, vmax, caption=caption)
             save_png(panel, self._output("overlays", row["image_path"], row["category"], ".png"))

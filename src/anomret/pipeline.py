@@ -1,7 +1,8 @@
-"""Runs shared by the entry points: compose components, fit, test and report (train/eval), or predict.
+"""Runs shared by the entry points: get or build the memory, attach it, fit if the method trains, test.
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
-``results.json``, ``results.csv`` (per category and mean), ``overlays/`` and the logger files.
+``results.json``, ``results.csv`` (per category and mean), ``artifacts.json`` (bank, checkpoint and
+feature store used), ``overlays/``, ``checkpoints/`` (methods that train) and the logger files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -22,14 +23,29 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from anomret.callbacks import PredictionWriter
-from anomret.data.dataset import AnomalyDataset
+from anomret.data.dataset import AnomalyDataset, collate_items
 from anomret.data.folder import image_folder_samples
+from anomret.encoders.base import Encoder
+from anomret.features.store import FeatureStore
+from anomret.files import write_text_atomic
+from anomret.memory.base import MemoryBank, MemorySettings
+from anomret.memory.build import MemoryPass
+from anomret.memory.cache import bank_identity, find_bank, plan_bank
+from anomret.memory.store import BankError, check_bank, read_bank_metadata
 from anomret.metrics.report import EvaluationResult
+from anomret.models.base import RetrievalModule
+from anomret.models.checkpoint import load_checkpoint, restore
 
 log = logging.getLogger(__name__)
 
 # Frozen encoders stay in eval mode during the fit pass on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+# The memory pass feeds a bank builder and returns nothing on purpose.
+warnings.filterwarnings("ignore", message=r"predict returned None", category=UserWarning)
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot make a valid run."""
 
 
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
@@ -44,77 +60,172 @@ def instantiate_callbacks(config: DictConfig | None) -> list[lightning.Callback]
     return [instantiate(entry) for entry in config.values() if entry is not None and "_target_" in entry]
 
 
-def build_model(cfg: DictConfig, encoder: Any) -> Any:
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse combinations of groups that cannot run together, before anything is built."""
+    model_class = get_class(cfg.model._target_)
+    memory_class = get_class(cfg.memory._target_)
+    needed, given = getattr(model_class, "memory_kind", ""), getattr(memory_class, "kind", "")
+    if needed and needed != given:
+        raise ConfigError(
+            f"model {model_class.method} needs memory kind '{needed}' but memory={given} was composed. "
+            f"Fix: choose the method as a whole (method={model_class.method}) or set memory= to a '{needed}' memory."
+        )
+    required_retrieval = getattr(model_class, "retrieval_target", None)
+    if required_retrieval and cfg.retrieval._target_ != required_retrieval:
+        raise ConfigError(
+            f"model {model_class.method} uses retrieval {required_retrieval}, not {cfg.retrieval._target_}. "
+            f"Fix: use method={model_class.method}, which sets model, memory and retrieval together."
+        )
+    features = cfg.get("features") or {}
+    if features.get("enabled") and not features.get("dir"):
+        raise ConfigError("features.enabled=true needs features.dir (where encoder outputs are cached)")
+
+
+def feature_store(cfg: DictConfig, encoder: Encoder) -> FeatureStore | None:
+    features = cfg.get("features") or {}
+    if not features.get("enabled"):
+        return None
+    store = FeatureStore(
+        features.dir, encoder.fingerprint(), encoder.preprocess, features.get("dtype", "fp16")
+    )
+    log.info("encoder outputs are cached in the %s", store.describe())
+    return store
+
+
+def build_model(cfg: DictConfig, encoder: Encoder) -> RetrievalModule:
     # Built objects are passed to a partial, not to instantiate(): Hydra would merge them into the
     # config and turn dataclasses back into config nodes.
     return instantiate(cfg.model, _partial_=True)(
-        encoder=encoder,
-        memory=instantiate(cfg.memory),
-        retrieval=instantiate(cfg.retrieval),
-        evaluator=instantiate(cfg.evaluation),
+        encoder=encoder, retrieval=instantiate(cfg.retrieval), evaluator=instantiate(cfg.evaluation)
     )
 
 
-def build(cfg: DictConfig, *, fit: bool) -> tuple[Any, Any, lightning.Trainer, list[Logger]]:
-    """Instantiate encoder, datamodule, model, loggers and trainer from a composed config."""
-    encoder = instantiate(cfg.encoder)
-    datamodule = instantiate(cfg.data, _partial_=True)(
-        dataset=cfg.dataset, aux_dataset=cfg.aux_dataset if fit else None, preprocess=encoder.preprocess
-    )
-    model = build_model(cfg, encoder)
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg.get("callbacks"))
-    )
-    return datamodule, model, trainer, loggers
+def build_trainer(
+    cfg: DictConfig, loggers: list[Logger], callbacks: list[lightning.Callback]
+) -> lightning.Trainer:
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
 
-def saved_bank(cfg: DictConfig, entry_point: str) -> str:
-    bank = cfg.memory.get("path")
-    if not bank:
-        raise ValueError(
+def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
+    metadata = {"kind": bank.kind, **bank.metadata}
+    return {"path": str(path), "kind": bank.kind, "identity": bank_identity(metadata)}
+
+
+def get_or_build_bank(
+    settings: MemorySettings, model: RetrievalModule, datamodule: Any, trainer: lightning.Trainer
+) -> tuple[MemoryBank, dict[str, Any]]:
+    """The run's bank: a matching cached (or named) one, else built by a memory pass and saved."""
+    store = model.extractor.store
+    plan = plan_bank(
+        settings,
+        model.encoder,
+        datamodule.aux_samples,
+        datamodule.aux_spec.name,
+        feature_dtype=None if store is None else store.dtype_name,
+    )
+    bank = find_bank(settings, plan)
+    if bank is None:
+        memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
+        trainer.predict(memory_pass, dataloaders=datamodule.aux_dataloader(), return_predictions=False)
+        bank = memory_pass.builder.build(plan.metadata)
+        if trainer.is_global_zero:
+            bank.save(plan.path)
+        log.info("built memory bank %s: %s", plan.path, bank.summary())
+    return bank, bank_info(plan.path, bank)
+
+
+def load_saved_bank(
+    settings: MemorySettings, encoder: Encoder, entry_point: str, checkpoint: dict[str, Any] | None
+) -> tuple[MemoryBank, dict[str, Any]]:
+    """The bank of ``memory.path`` (or the one the checkpoint names), refused if another encoder built it."""
+    path = settings.path
+    if not path and checkpoint is not None:
+        path = ((checkpoint.get("bank") or {}).get("path")) or None
+        if path:
+            log.info("using the memory bank the checkpoint was trained with: %s", path)
+    if not path:
+        raise ConfigError(
             f"anomret.{entry_point} needs a memory bank: pass memory.path=/path/to/bank.safetensors "
             "(anomret.train prints and records the path of the bank it builds in artifacts.json)"
         )
-    return bank
+    stored_kind = read_bank_metadata(path).get("kind")
+    if stored_kind != settings.kind:
+        raise BankError(
+            f"memory bank {path} is a '{stored_kind}' bank but memory={settings.kind} was composed. Fix: "
+            f"evaluate it with the method that built it, or point memory.path at a '{settings.kind}' bank."
+        )
+    bank = settings.bank_class().load(path)
+    check_bank(path, encoder.fingerprint(), bank.metadata.get("build", {}))  # raises for another encoder
+    log.info("loaded memory bank %s: %s", path, bank.summary())
+    return bank, bank_info(Path(path), bank)
 
 
-def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
-    """Fit (build the memory, train heads) when ``fit``, then test and write the results."""
+def prepare_run(cfg: DictConfig) -> Path:
     lightning.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    validate_config(cfg)
+    return output_dir
 
-    datamodule, model, trainer, loggers = build(cfg, fit=fit)
+
+def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
+    """Get or build the memory, attach it, fit if the method trains (and ``fit``), test, write results."""
+    output_dir = prepare_run(cfg)
+    encoder = instantiate(cfg.encoder)
+    store = feature_store(cfg, encoder)
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        dataset=cfg.dataset,
+        aux_dataset=cfg.aux_dataset if fit else None,
+        preprocess=encoder.preprocess,
+        feature_store=store,
+    )
+    model = build_model(cfg, encoder)
+    model.set_feature_store(store)
+    settings: MemorySettings = instantiate(cfg.memory)
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    # Every source is read and checked before any compute: a bad evaluation set fails in seconds.
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    if fit:
+        datamodule.setup("fit")
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = build_trainer(cfg, loggers, instantiate_callbacks(cfg.get("callbacks")))
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        datamodule.prepare_data()
         if fit:
-            datamodule.setup("fit")
-            if not model.prepare_memory(datamodule.aux_samples, datamodule.aux_spec.name):
-                trainer.fit(model, datamodule=datamodule)
+            bank, info = get_or_build_bank(settings, model, datamodule, trainer)
         else:
-            model.load_memory(saved_bank(cfg, "eval"))
+            bank, info = load_saved_bank(settings, encoder, "eval", checkpoint)
+        model.attach_memory(bank, info)
+        checkpoint_file = _fit_or_restore(model, datamodule, trainer, checkpoint, ckpt_path, output_dir, fit)
         # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.
         trainer.test(model, datamodule=datamodule, verbose=False)
         if model.test_results is None:
             raise RuntimeError("the test pass did not finish; no results were written")
         result = model.test_results
-        result.settings.setdefault("run", {}).update(
-            {"method": getattr(model, "method", type(model).__name__), "dataset": cfg.dataset.name}
-        )
-        write_outputs(result, output_dir, loggers, artifacts={"bank": str(model.bank_path)})
-        console = Console(width=max(Console().width, 120))  # log files are not terminals: keep columns whole
-        console.print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({cfg.model._target_})"))
-        log.info("results written to %s", output_dir)
-        if fit:
-            log.info(
-                "memory bank: %s (evaluate it again with python -m anomret.eval ... memory.path=%s)",
-                model.bank_path,
-                model.bank_path,
-            )
+        result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
+        if trainer.is_global_zero:
+            artifacts = {
+                "bank": info["path"],
+                "bank_identity": info["identity"],
+                "checkpoint": checkpoint_file,
+                "features": None if store is None else str(store.directory),
+            }
+            write_outputs(result, output_dir, loggers, artifacts)
+            console = Console(
+                width=max(Console().width, 120)
+            )  # log files are not terminals: keep columns whole
+            console.print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"))
+            log.info("results written to %s", output_dir)
+            if fit:
+                log.info(
+                    "memory bank: %s (evaluate it again with python -m anomret.eval ... memory.path=%s)",
+                    info["path"],
+                    info["path"],
+                )
         return result
     finally:
         for logger in loggers:
@@ -125,12 +236,39 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
                 wandb.finish()
 
 
+def _fit_or_restore(
+    model: RetrievalModule,
+    datamodule: Any,
+    trainer: lightning.Trainer,
+    checkpoint: dict[str, Any] | None,
+    ckpt_path: str | None,
+    output_dir: Path,
+    fit: bool,
+) -> str | None:
+    """Train the method's heads (train entry point) or load them (``ckpt_path``); returns the checkpoint used."""
+    if checkpoint is not None:
+        restore(model, checkpoint, ckpt_path)
+        return str(ckpt_path)
+    if not model.trains:
+        return None
+    if not fit:
+        raise ConfigError(
+            f"{model.method} has trained parts: pass ckpt_path=/path/to/last.ckpt (anomret.train writes it to "
+            "the run's checkpoints/ folder and records it in artifacts.json)"
+        )
+    trainer.fit(model, datamodule=datamodule)
+    path = output_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(path)
+    log.info("checkpoint (trained parts only): %s", path)
+    return str(path)
+
+
 def write_outputs(
-    result: EvaluationResult, output_dir: Path, loggers: list[Logger], artifacts: dict[str, str]
+    result: EvaluationResult, output_dir: Path, loggers: list[Logger], artifacts: dict[str, Any]
 ) -> None:
     result.write_json(output_dir / "results.json")
     result.write_csv(output_dir / "results.csv")
-    (output_dir / "artifacts.json").write_text(json.dumps(artifacts, indent=2))
+    write_text_atomic(output_dir / "artifacts.json", json.dumps(artifacts, indent=2))
     columns = ["category", *result.metrics, "n_images", "n_anomalous"]
     rows = [
         [category, *[values.get(m) for m in result.metrics], *result.counts[category].values()]
@@ -146,23 +284,27 @@ def write_outputs(
 
 def predict(cfg: DictConfig) -> Path:
     """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
-    lightning.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-
+    output_dir = prepare_run(cfg)
     samples = image_folder_samples(cfg.input)
     encoder = instantiate(cfg.encoder)
+    store = feature_store(cfg, encoder)
     model = build_model(cfg, encoder)
-    model.load_memory(saved_bank(cfg, "predict"))
+    model.set_feature_store(store)
+    settings: MemorySettings = instantiate(cfg.memory)
+    ckpt_path = cfg.get("ckpt_path")
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    bank, info = load_saved_bank(settings, encoder, "predict", checkpoint)
+    model.attach_memory(bank, info)
     loader = DataLoader(
-        AnomalyDataset(samples, encoder.preprocess, cfg.data.mask_size),
+        AnomalyDataset(samples, encoder.preprocess, cfg.data.mask_size, feature_store=store),
         batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
+        collate_fn=collate_items,
     )
     writer = PredictionWriter(str(output_dir), encoder.preprocess, **cfg.predict)
     progress = [c for c in instantiate_callbacks(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer, *progress])
+    trainer = build_trainer(cfg, [], [writer, *progress])
+    _fit_or_restore(model, None, trainer, checkpoint, ckpt_path, output_dir, fit=False)
     log.info("predicting %d images from %s", len(samples), cfg.input)
     trainer.predict(model, dataloaders=loader, return_predictions=False)
 

@@ -64,7 +64,9 @@ def test_demo_command_runs_the_whole_path(tmp_path, data_dir):
     assert "mean" in out.stdout and "I-AUROC" in out.stdout
 
 
-def test_bank_is_reused_rebuilt_when_stale_and_refused_for_another_encoder(compose_config, tmp_path):
+def test_named_bank_is_reused_never_silently_replaced_and_refused_for_another_encoder(
+    compose_config, tmp_path
+):
     bank = tmp_path / "bank.safetensors"
     first = run(compose_config(["+experiment=demo", f"memory.path={bank}"]), fit=True)
     built = bank.stat().st_mtime_ns
@@ -73,9 +75,23 @@ def test_bank_is_reused_rebuilt_when_stale_and_refused_for_another_encoder(compo
     assert bank.stat().st_mtime_ns == built, "a matching bank must be reused, not rebuilt"
     assert again.per_category == first.per_category
 
-    run(compose_config(["+experiment=demo", f"memory.path={bank}", "memory.max_patch_entries=10"]), fit=True)
-    metadata = read_bank_metadata(bank)
-    assert metadata["build"]["max_patch_entries"] == 10
+    # Other settings: the named file is the user's, so it is refused, not overwritten (a sweep's job 0
+    # would otherwise record a bank that job 1 replaced).
+    with pytest.raises(BankError, match=r"never replaced silently.*memory\.rebuild=true"):
+        run(
+            compose_config(["+experiment=demo", f"memory.path={bank}", "memory.max_patch_entries=10"]),
+            fit=True,
+        )
+    assert bank.stat().st_mtime_ns == built
+
+    overrides = [
+        "+experiment=demo",
+        f"memory.path={bank}",
+        "memory.max_patch_entries=10",
+        "memory.rebuild=true",
+    ]
+    run(compose_config(overrides), fit=True)
+    assert read_bank_metadata(bank)["build"]["max_patch_entries"] == 10
     assert bank.stat().st_mtime_ns != built
 
     with pytest.raises(BankError, match="another encoder"):
@@ -86,7 +102,10 @@ def test_bank_is_reused_rebuilt_when_stale_and_refused_for_another_encoder(compo
 def test_cached_banks_are_named_by_what_built_them(compose_config, tmp_path):
     run(compose_config(["+experiment=demo"]), fit=True)
     run(compose_config(["+experiment=demo", "memory.max_patch_entries=5"]), fit=True)
-    assert len(list((tmp_path / ".cache" / "banks").glob("*.safetensors"))) == 2
+    banks = sorted((tmp_path / ".cache" / "banks").glob("*.safetensors"))
+    assert len(banks) == 2
+    # Named by kind, source and encoder, not by method: MRAD-TF/FT/CLIP share the labelled bank.
+    assert all(b.name.startswith("labeled-synthetic_b-tiny_clip-") for b in banks)
 
 
 def test_eval_reproduces_train_results_from_the_saved_bank(compose_config, tmp_path):

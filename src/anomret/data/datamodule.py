@@ -20,10 +20,11 @@ from typing import Any
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from anomret.data.dataset import AnomalyDataset
+from anomret.data.dataset import AnomalyDataset, collate_items
 from anomret.data.samples import ANOMALOUS, SampleTable
 from anomret.data.sources import load_source
 from anomret.encoders.base import Preprocess
+from anomret.features.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class AnomalyDataModule(LightningDataModule):
         eval_batch_size: batch size of the test pass (defaults to ``batch_size``).
         num_workers: DataLoader workers.
         shuffle_aux: shuffle the fit pass (training heads); memory building does not need it.
+        feature_store: where encoder outputs are cached (set by the run when ``features.enabled``).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class AnomalyDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle_aux: bool = False,
+        feature_store: FeatureStore | None = None,
     ) -> None:
         super().__init__()
         self.dataset_spec = SourceSpec.from_config(dataset)
@@ -107,6 +110,7 @@ class AnomalyDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.shuffle_aux = shuffle_aux
+        self.feature_store = feature_store
         self.aux_samples: SampleTable | None = None
         self.test_samples: SampleTable | None = None
 
@@ -130,7 +134,9 @@ class AnomalyDataModule(LightningDataModule):
             log.info("evaluation source: %s", self.dataset_spec.describe(self.test_samples))
 
     def _dataset(self, samples: SampleTable) -> AnomalyDataset:
-        return AnomalyDataset(samples, self.preprocess, self.mask_size, self.mask_threshold)
+        return AnomalyDataset(
+            samples, self.preprocess, self.mask_size, self.mask_threshold, feature_store=self.feature_store
+        )
 
     def _loader(self, samples: SampleTable, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -140,7 +146,14 @@ class AnomalyDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            collate_fn=collate_items,
         )
+
+    def aux_dataloader(self) -> DataLoader:
+        """The auxiliary source in row order, for the memory pass."""
+        if self.aux_samples is None:
+            self.setup("fit")
+        return self._loader(self.aux_samples, self.batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         if self.aux_samples is None:

@@ -12,13 +12,12 @@ to ``root`` (root-prefixed paths, as some published scripts write them, are acce
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from anomret.data.errors import DataError, InvalidSampleError, SplitNotFoundError
 from anomret.data.samples import Sample, SampleTable
+from anomret.files import atomic_open
 
 META_FILENAME = "meta.json"
 SPLITS = ("train", "test")
@@ -49,14 +48,8 @@ def write_meta_json(root: str | Path, meta: Meta, filename: str = META_FILENAME)
         raise ValueError(f"meta.json splits must be {SPLITS}, got extra keys {sorted(unknown)}")
     full = {split: meta.get(split, {}) for split in SPLITS}
     target = root / filename
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(full, handle, indent=4)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(target, "w") as handle:
+        json.dump(full, handle, indent=4)
     return target
 
 

@@ -11,19 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from anomret.data.samples import Sample
+from anomret.files import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +74,12 @@ def _relative(path: Path, root: str | Path | None) -> str:
 def save_bank(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` and JSON ``metadata`` to a safetensors file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     header = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **metadata}, default=str)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(
+            {name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=header
+        )
     return path
 
 
@@ -92,6 +90,11 @@ def read_bank_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
+        if not path.exists():
+            raise BankError(
+                f"memory bank {path} does not exist. Fix: point memory.path at a bank file that "
+                "anomret.train wrote (its path is in the run's artifacts.json), or run anomret.train to build one."
+            ) from error
         raise BankError(
             f"{path} is not a readable memory bank ({error}). Delete it to rebuild it, or point "
             "memory.path at a bank written by anomret."
@@ -101,9 +104,112 @@ def read_bank_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(header[METADATA_KEY])
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a bank tensor must look like: rank, dtypes, and named dimensions shared between tensors."""
+
+    dims: tuple[str, ...]  # one name per axis; equal names must have equal sizes ("n", "d", ...)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    finite: bool = True
+
+
+def validate_tensors(
+    path: str | Path,
+    tensors: Mapping[str, Any],
+    spec: Mapping[str, TensorSpec],
+    known_sizes: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Check names, ranks, dtypes, shared dimensions and finiteness; returns the dimension sizes.
+
+    ``tensors`` may hold tensors or lazily opened slices (anything with ``shape``/``dtype``): finiteness
+    is checked only on real tensors, so a memory-mapped bank is not read whole to validate it.
+    """
+    fix = "Fix: delete the file so that it is rebuilt, or point memory.path at a bank written by anomret."
+    names, expected = set(tensors), set(spec)
+    if names != expected:
+        raise BankError(
+            f"memory bank {path} holds tensors {sorted(names)} but a bank of this kind has {sorted(expected)}. {fix}"
+        )
+    sizes: dict[str, int] = dict(known_sizes or {})
+    for name, tensor_spec in spec.items():
+        tensor = tensors[name]
+        shape = tuple(tensor.shape)
+        if len(shape) != len(tensor_spec.dims):
+            raise BankError(
+                f"memory bank {path}: tensor {name!r} has shape {shape}, expected "
+                f"[{', '.join(tensor_spec.dims)}]. {fix}"
+            )
+        if tensor.dtype not in tensor_spec.dtypes:
+            raise BankError(
+                f"memory bank {path}: tensor {name!r} is {tensor.dtype}, expected one of "
+                f"{[str(d) for d in tensor_spec.dtypes]}. {fix}"
+            )
+        for dim, size in zip(tensor_spec.dims, shape, strict=True):
+            if dim.isdigit():
+                if size != int(dim):
+                    raise BankError(
+                        f"memory bank {path}: tensor {name!r} has shape {shape}, axis must be {dim}. {fix}"
+                    )
+            elif sizes.setdefault(dim, size) != size:
+                raise BankError(
+                    f"memory bank {path}: tensor {name!r} has {dim}={size} but {sizes[dim]} elsewhere "
+                    f"(shape {shape}). {fix}"
+                )
+        floating = isinstance(tensor, Tensor) and tensor.is_floating_point()
+        if tensor_spec.finite and floating and not torch.isfinite(tensor).all():
+            raise BankError(f"memory bank {path}: tensor {name!r} contains NaN or infinite values. {fix}")
+    return sizes
+
+
 def load_bank(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a whole bank into CPU memory (small banks)."""
     metadata = read_bank_metadata(path)
-    return load_file(str(path), device="cpu"), metadata
+    try:
+        return load_file(str(path), device="cpu"), metadata
+    except (SafetensorError, OSError) as error:
+        raise BankError(
+            f"{path} is not a readable memory bank ({error}). Delete it to rebuild it."
+        ) from error
+
+
+_NUMPY_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I64": np.int64,
+}
+
+
+def open_memmap(path: str | Path) -> dict[str, np.memmap]:
+    """Memory-map every tensor of a safetensors file read-only, without reading its data.
+
+    Indexing a map reads only the rows asked for (the page cache does the rest), so banks larger than
+    RAM or GPU memory can be used. Tensors must be of a dtype numpy knows (not bf16).
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    offset = 8 + header_size
+    maps = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _NUMPY_DTYPES:
+            raise BankError(
+                f"memory bank {path}: tensor {name!r} is {entry['dtype']}, which cannot be memory-mapped"
+            )
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end == start:
+            maps[name] = np.zeros(shape, dtype=_NUMPY_DTYPES[entry["dtype"]])
+            continue
+        maps[name] = np.memmap(
+            path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=offset + start, shape=shape
+        )
+    return maps
 
 
 class BankStatus(Enum):

@@ -108,6 +108,11 @@ class CategoryEvaluator:
         self._needs_maps = any(key.startswith("pixel_") for key in self.metrics)
         self._data: dict[str, _CategoryData] = {}
 
+    @property
+    def needs_maps(self) -> bool:
+        """Whether any requested metric is a pixel metric (anomaly maps must be kept)."""
+        return self._needs_maps
+
     def reset(self) -> None:
         """Forget everything accumulated."""
         self._data = {}

@@ -17,13 +17,14 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from anomret.files import atomic_open
 
 __all__ = ["METRIC_LABELS", "EvaluationResult"]
 
@@ -59,18 +60,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
-    # Temp file in the target directory, then rename: a killed run never leaves a truncated results file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # A killed run never leaves a truncated results file (see anomret.files).
+    with atomic_open(path, "w", newline="") as handle:
+        write(handle)
+    return Path(path)
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""Atomic file writes, the one way anomret writes anything a later run reads.
+
+A file is written to a temporary sibling and renamed into place, so a killed run never leaves a file
+that looks complete, and concurrent readers see either the old file or the new one. The temporary
+name records host and process id, so leftovers of a killed writer are recognised and removed later
+without touching a live writer's file. Files get the permissions the umask allows (``mkstemp`` alone
+would make them ``0600``, unreadable to colleagues on shared storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".tmp"
+# A temporary file this old is abandoned whoever wrote it (another host's writer cannot be checked).
+STALE_AFTER_S = 24 * 3600
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open()`` for writing, atomically: the file appears whole when the block ends without error."""
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def _writer_is_gone(name: str, now: float, mtime: float) -> bool:
+    if now - mtime > STALE_AFTER_S:
+        return True
+    # ".<target>.<host>-<pid>.<random>.tmp": only a writer on this host can be checked.
+    parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or "-" not in parts[1]:
+        return False
+    host, _, pid = parts[1].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files left in ``directory`` by writers that were killed; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for candidate in directory.glob(f".*{_TMP_SUFFIX}"):
+        try:
+            if candidate.is_file() and _writer_is_gone(candidate.name, now, candidate.stat().st_mtime):
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:
+            continue  # removed by someone else meanwhile
+    if removed:
+        log.info("removed %d abandoned temporary file(s) in %s", len(removed), directory)
+    return removed

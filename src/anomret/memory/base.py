@@ -1,0 +1,92 @@
+"""The memory-bank protocol every method's memory follows, and the settings every bank config shares.
+
+A method's memory is one module in ``anomret.memory`` with three parts:
+
+- a **bank** (:class:`MemoryBank`): tensors plus metadata, saved as one safetensors file, loaded (eagerly,
+  or memory-mapped for banks larger than RAM), moved to a device, described in one line;
+- a **builder** (:class:`BankBuilder`): fed one batch of encoder features at a time during the memory pass,
+  its partial state merged across processes (DDP) so every rank ends with the same bank;
+- **settings** (:class:`MemorySettings`, the Hydra ``memory=`` group): what identifies a bank (kind and
+  build settings) and where it is cached.
+
+Caching, fingerprints and refusal of foreign banks live in :mod:`anomret.memory.cache`, so a new memory
+kind only says what it stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from anomret.encoders.base import Encoder, Features
+
+
+@runtime_checkable
+class MemoryBank(Protocol):
+    kind: ClassVar[str]
+    metadata: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path: ...
+
+    @classmethod
+    def load(cls, path: str | Path) -> MemoryBank: ...
+
+    def to(self, device: Any) -> MemoryBank: ...
+
+    def summary(self) -> str: ...
+
+    def check_compatible(self, dims: Mapping[str, int]) -> None:
+        """Raise a clear error when the bank's feature sizes differ from the encoder's (``dims``)."""
+
+
+class BankBuilder(Protocol):
+    def add(self, features: Features, batch: Mapping[str, Any]) -> None:
+        """Add one batch of the memory pass (features of ``batch['image']``, its masks, labels, indices)."""
+
+    def state(self) -> dict[str, Tensor]:
+        """This process's partial state, as CPU tensors, to be gathered across processes."""
+
+    def load_states(self, states: list[dict[str, Tensor]]) -> None:
+        """Replace the partial state by the union of every process's state, in sample order."""
+
+    def build(self, metadata: dict[str, Any]) -> MemoryBank: ...
+
+
+@dataclass
+class MemorySettings:
+    """What every ``memory=`` config has: where the bank lives and whether to rebuild it.
+
+    Args:
+        path: an explicit bank file. It is built when missing, reused when it matches this run, and never
+            silently replaced: a file built from other data or settings is refused unless ``rebuild``.
+        cache_dir: where banks go when ``path`` is unset, one file per kind, source, encoder and settings.
+        rebuild: build again even when a matching bank exists (and replace an explicit ``path``).
+    """
+
+    kind: ClassVar[str] = ""
+    path: str | None = None
+    cache_dir: str = ".cache/banks"
+    rebuild: bool = False
+
+    def build_settings(self, encoder: Encoder) -> dict[str, Any]:
+        """The settings that change a bank's content (recorded in its metadata and cache key)."""
+        raise NotImplementedError
+
+    def builder(self, encoder: Encoder) -> BankBuilder:
+        raise NotImplementedError
+
+    def bank_class(self) -> type:
+        raise NotImplementedError
+
+
+def positive_or_none(value: int | None, name: str) -> int | None:
+    """Validate an optional positive integer setting, with the allowed range in the message."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or null (keep everything), got {value!r}")
+    return value

@@ -1,0 +1,92 @@
+"""Test-pass results gathered across processes, then evaluated once, per category.
+
+Under DDP every process scores its share of the test images (Lightning's distributed sampler may repeat
+a few to even out the shares). Each batch is kept with the dataset row numbers of its images; at the end
+rank 0 gathers every share, keeps each row once, restores the dataset order and computes the metrics
+with :class:`~anomret.metrics.evaluator.CategoryEvaluator`; the result is broadcast, so every process
+reports the numbers a single process would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from anomret.distributed import broadcast_from_zero, gather_to_zero
+from anomret.metrics.evaluator import CategoryEvaluator
+from anomret.metrics.report import EvaluationResult
+
+
+class GatheredEvaluation:
+    """Collects scored batches with their row indices; :meth:`compute` evaluates them across ranks."""
+
+    def __init__(self, evaluator: CategoryEvaluator) -> None:
+        self.evaluator = evaluator
+        self._batches: list[dict[str, object]] = []
+
+    def reset(self) -> None:
+        self._batches = []
+        self.evaluator.reset()
+
+    def update(
+        self,
+        indices: Tensor,
+        categories: Sequence[str],
+        image_scores: Tensor,
+        labels: Tensor,
+        maps: Tensor | None,
+        masks: Tensor | None,
+    ) -> None:
+        keep_maps = maps is not None and self.evaluator.needs_maps
+        self._batches.append(
+            {
+                "index": indices.detach().cpu().long().reshape(-1),
+                "category": [str(c) for c in categories],
+                "score": image_scores.detach().cpu().float().reshape(-1),
+                "label": labels.detach().cpu().reshape(-1),
+                "map": maps.detach().cpu().float() if keep_maps else None,
+                "mask": masks.detach().cpu().bool() if keep_maps else None,
+            }
+        )
+
+    def compute(self) -> EvaluationResult:
+        gathered = gather_to_zero(self._batches)
+        self._batches = []
+        result = None
+        if gathered is not None:
+            result = self._evaluate([batch for share in gathered for batch in share])
+        return broadcast_from_zero(result)
+
+    def _evaluate(self, batches: list[dict[str, object]]) -> EvaluationResult:
+        # Rows in dataset order, each once: (index, batch number, position in batch).
+        seen: dict[int, tuple[int, int]] = {}
+        for number, batch in enumerate(batches):
+            for position, index in enumerate(batch["index"].tolist()):
+                seen.setdefault(index, (number, position))
+        self.evaluator.reset()
+        order = sorted(seen)
+        remaining = [0] * len(batches)
+        for number, _ in seen.values():
+            remaining[number] += 1
+        # Feed consecutive rows of one batch together; release each batch once it has been read.
+        start = 0
+        while start < len(order):
+            number, position = seen[order[start]]
+            end = start + 1
+            while end < len(order) and seen[order[end]] == (number, position + end - start):
+                end += 1
+            batch = batches[number]
+            rows = slice(position, position + end - start)
+            self.evaluator.update(
+                batch["category"][rows],
+                batch["score"][rows],
+                batch["label"][rows],
+                None if batch["map"] is None else batch["map"][rows],
+                None if batch["mask"] is None else batch["mask"][rows],
+            )
+            remaining[number] -= end - start
+            if remaining[number] == 0:
+                batches[number] = None  # the evaluator holds its own copy now: keep one copy in memory
+            start = end
+        return self.evaluator.compute()

@@ -1,0 +1,232 @@
+"""The base of every retrieval method: frozen encoder, features, maps, test/predict loops, evaluation.
+
+A method subclasses :class:`RetrievalModule` and supplies :meth:`~RetrievalModule.score` (features →
+patch scores and, optionally, an image-level score); a method that trains also supplies
+``training_step`` and ``configure_optimizers`` and sets ``trains = True``. Everything else is here, once:
+
+- features come from one :class:`~anomret.features.FeatureExtractor` (through the feature store when
+  enabled), never from a second encoder call;
+- patch scores become anomaly maps (upsample + blur) and image scores
+  (``w · image_retrieval + (1 − w) · TopKMean(map)``, or the top-k mean alone for methods without an
+  image-level score);
+- the test pass evaluates per category, gathered across processes under DDP;
+- the memory bank is attached from outside (the run builds or loads it) and follows the module's device;
+- checkpoints hold only the trainable state plus the identities of the encoder and the bank, never the
+  frozen backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from anomret.encoders.base import Encoder, Features
+from anomret.features.extractor import FeatureExtractor
+from anomret.features.store import FeatureStore
+from anomret.maps import AnomalyMapper, top_k_mean
+from anomret.memory.base import MemoryBank
+from anomret.metrics.evaluator import CategoryEvaluator
+from anomret.metrics.gathered import GatheredEvaluation
+from anomret.metrics.report import EvaluationResult
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "anomret"
+
+
+@dataclass
+class MethodOutput:
+    """What a method's :meth:`RetrievalModule.score` returns."""
+
+    patch_scores: Tensor  # [B, h, w] anomaly score per patch (higher = more anomalous)
+    image_retrieval: Tensor | None = None  # [B] image-level score from the memory, if the method has one
+
+
+@dataclass
+class ScoredBatch:
+    patch_scores: Tensor  # [B, h, w]
+    anomaly_map: Tensor  # [B, H, W]
+    image_score: Tensor  # [B]
+    map_score: Tensor  # [B] TopKMean of the map
+    image_retrieval: Tensor | None  # [B] or None
+
+
+def _check_unit_interval(value: float, name: str, *, open_low: bool = False) -> float:
+    low_ok = value > 0 if open_low else value >= 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+        interval = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+class RetrievalModule(LightningModule):
+    """Shared loops of the retrieval methods (see the module docstring).
+
+    Args:
+        encoder: the frozen encoder (``encoder=`` group).
+        evaluator: per-category metrics (``evaluation=`` group).
+        map_size: side of the anomaly maps.
+        map_sigma: Gaussian blur σ of the maps in pixels (0 = no blur).
+        map_kernel_size: explicit odd blur kernel size (RAD: 5), else scipy's truncate rule.
+        map_padding: ``reflect`` (scipy, MRAD) or ``zeros`` (RAD).
+        image_score_weight: weight of the image-level retrieval in the image score (MRAD code: 0.7).
+        top_k_ratio: share of map pixels averaged into the map's image score (1 %).
+    """
+
+    method: ClassVar[str] = ""
+    memory_kind: ClassVar[str] = ""
+    trains: ClassVar[bool] = False
+    # State that is frozen and rebuilt from its config, so checkpoints leave it out.
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        evaluator: CategoryEvaluator,
+        map_size: int,
+        map_sigma: float = 4.0,
+        map_kernel_size: int | None = None,
+        map_padding: str = "reflect",
+        image_score_weight: float = 0.7,
+        top_k_ratio: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.image_score_weight = _check_unit_interval(image_score_weight, "model.image_score_weight")
+        self.top_k_ratio = _check_unit_interval(top_k_ratio, "model.top_k_ratio", open_low=True)
+        self.encoder = encoder
+        self.extractor = FeatureExtractor(encoder)
+        self.mapper = AnomalyMapper(map_size, map_sigma, kernel_size=map_kernel_size, padding=map_padding)
+        self.evaluation = GatheredEvaluation(evaluator)
+        self.bank: MemoryBank | None = None
+        self.bank_info: dict[str, Any] | None = None
+        self.test_results: EvaluationResult | None = None
+
+    # ----------------------------------------------------------------------------- memory, store
+    def set_feature_store(self, store: FeatureStore | None) -> None:
+        self.extractor.store = store
+
+    def memory_dims(self, bank: MemoryBank) -> dict[str, int]:
+        """Feature sizes the bank's keys must have for this encoder (checked when attached)."""
+        return {}
+
+    def attach_memory(self, bank: MemoryBank, info: dict[str, Any]) -> None:
+        """Use ``bank``; ``info`` (path, kind, identity) is recorded in checkpoints and artifacts."""
+        if self.memory_kind and bank.kind != self.memory_kind:
+            raise ValueError(
+                f"{self.method} needs a '{self.memory_kind}' memory bank, got a '{bank.kind}' bank"
+            )
+        bank.check_compatible(self.memory_dims(bank))
+        self.bank = bank
+        self.bank_info = info
+        self.on_memory_attached()
+
+    def on_memory_attached(self) -> None:
+        """Hook for methods that derive state from the bank (e.g. cached key projections)."""
+
+    def _bank_to_device(self) -> None:
+        if self.bank is None:
+            raise RuntimeError(f"{self.method}: no memory bank attached (the run builds or loads one first)")
+        self.bank = self.bank.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._bank_to_device()
+
+    def on_test_start(self) -> None:
+        self._bank_to_device()
+        self.evaluation.reset()
+        self.test_results = None
+
+    def on_predict_start(self) -> None:
+        self._bank_to_device()
+
+    # ----------------------------------------------------------------------------------- scoring
+    @abstractmethod
+    def score(self, features: Features) -> MethodOutput:
+        """The method: features of a batch → patch scores (and an image-level score, if any)."""
+
+    def features(self, batch: dict[str, Any]) -> Features:
+        return self.extractor(batch)
+
+    def combine(self, output: MethodOutput) -> ScoredBatch:
+        anomaly_map = self.mapper(output.patch_scores)
+        map_score = top_k_mean(anomaly_map, self.top_k_ratio)
+        if output.image_retrieval is None:
+            image_score = map_score
+        else:
+            weight = self.image_score_weight
+            image_score = weight * output.image_retrieval + (1 - weight) * map_score
+        return ScoredBatch(output.patch_scores, anomaly_map, image_score, map_score, output.image_retrieval)
+
+    def forward(self, batch: dict[str, Any]) -> ScoredBatch:
+        return self.combine(self.score(self.features(batch)))
+
+    # ----------------------------------------------------------------------------- test, predict
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        with torch.no_grad():
+            scored = self(batch)
+        masks = batch["mask"]
+        if masks.shape[-2:] != scored.anomaly_map.shape[-2:]:
+            raise ValueError(
+                f"masks are {tuple(masks.shape[-2:])} but anomaly maps {tuple(scored.anomaly_map.shape[-2:])}: "
+                "set data.mask_size to the model's map_size"
+            )
+        self.evaluation.update(
+            batch["index"], batch["category"], scored.image_score, batch["label"], scored.anomaly_map, masks
+        )
+        return {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        with torch.no_grad():
+            scored = self(batch)
+        out = {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}
+        if scored.image_retrieval is not None:
+            out["image_retrieval"] = scored.image_retrieval
+        out["map_score"] = scored.map_score
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.evaluation.compute()
+        logged = {}
+        for category, values in {**self.test_results.per_category, "mean": self.test_results.mean}.items():
+            for metric, value in values.items():
+                if value == value:  # skip NaN (undefined for this category)
+                    logged[f"test/{category}/{metric}"] = float(value)
+        # Every process holds the same (gathered) numbers: nothing to reduce.
+        self.log_dict(logged, sync_dist=False, rank_zero_only=True)
+
+    def configure_optimizers(self) -> Any:
+        return None  # training-free methods; trained ones override this
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this module is only valid with: method, encoder and bank."""
+        return {"method": self.method, "encoder": self.encoder.fingerprint(), "bank": self.bank_info}
+
+    def _is_frozen(self, key: str) -> bool:
+        return key.startswith(self.frozen_prefixes)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if self._is_frozen(k[len(prefix) :])]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not self._is_frozen(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not fit {type(self).__name__}: missing {missing}, "
+                f"unexpected {list(result.unexpected_keys)}"
+            )
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.identity()

@@ -1,0 +1,44 @@
+"""The MRAD-TF demo's bank and results did not change when the method platform landed.
+
+``tests/golden/demo_mrad_tf.json`` holds the bank tensors (sha256 of their bytes) and every metric of the
+demo as computed before the refactor. The demo's images are generated at the encoder's input size, so
+no mask or image is resized and nothing but the code under test can move these numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anomret.pipeline import run
+
+GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "demo_mrad_tf.json").read_text())
+
+
+def test_demo_bank_and_results_are_bit_identical_to_before_the_platform(compose_config, tmp_path):
+    bank_path = tmp_path / "bank.safetensors"
+    result = run(compose_config(["+experiment=demo", f"memory.path={bank_path}"]), fit=True)
+    bank = load_file(bank_path)
+    same_torch = torch.__version__ == GOLDEN["torch"]
+    assert sorted(bank) == sorted(GOLDEN["bank"])
+    for name, expected in GOLDEN["bank"].items():
+        tensor = bank[name]
+        assert list(tensor.shape) == expected["shape"] and str(tensor.dtype) == expected["dtype"]
+        if same_torch:
+            assert hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest() == expected["sha256"], (
+                name
+            )
+        else:  # another torch may round a float32 sum differently
+            assert float(tensor.double().sum()) == pytest.approx(expected["sum"], abs=1e-5)
+    tolerance = 0.0 if same_torch else 1e-6
+    for category, values in GOLDEN["categories"].items():
+        for metric, value in values.items():
+            got = result.per_category[category].get(metric, result.counts[category].get(metric))
+            assert got == pytest.approx(value, abs=tolerance), (category, metric)
+    for metric, value in GOLDEN["mean"].items():
+        assert result.mean[metric] == pytest.approx(value, abs=tolerance), metric
