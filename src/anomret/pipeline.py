@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 # The memory pass feeds a bank builder and returns nothing on purpose.
 warnings.filterwarnings("ignore", message=r"predict returned None", category=UserWarning)
+# Test metrics are gathered and computed once for all processes (GatheredEvaluation): no reduction to ask for.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test/", category=UserWarning)
 
 
 class ConfigError(ValueError):

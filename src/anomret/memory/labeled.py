@@ -215,19 +215,32 @@ class LabeledBankBuilder:
         return {name: torch.cat(parts) for name, parts in self._parts.items()}
 
     def load_states(self, states: list[dict[str, Tensor]]) -> None:
-        states = [state for state in states if state]
+        """Merge the states of several processes into dataset order, each image once.
+
+        A sampler that pads the processes' shares repeats a few images; only the first process's
+        entries of an image are kept.
+        """
         self._parts = {}
-        if not states:
+        seen = torch.zeros(0, dtype=torch.long)
+        kept: list[dict[str, Tensor]] = []
+        for state in (state for state in states if state):
+            fresh_images = ~torch.isin(state["image_index"], seen)
+            fresh_patches = ~torch.isin(state["patch_index"], seen)
+            seen = torch.cat([seen, state["image_index"]])
+            kept.append(
+                {
+                    name: tensor[fresh_images if name.startswith("image") else fresh_patches]
+                    for name, tensor in state.items()
+                }
+            )
+        if not kept:
             return
-        merged = {name: torch.cat([state[name] for state in states]) for name in states[0]}
+        merged = {name: torch.cat([state[name] for state in kept]) for name in kept[0]}
         for level in ("image", "patch"):
             # Stable: the prototypes of one image keep their order (anomalous before normal).
             order = torch.sort(merged[f"{level}_index"], stable=True).indices
             for name in (f"{level}_keys", f"{level}_values", f"{level}_index"):
                 self._parts[name] = [merged[name][order]]
-        image_index = self._parts["image_index"][0]
-        if image_index.unique().numel() != image_index.numel():
-            raise RuntimeError("the memory pass saw an image twice: its processes overlapped")
 
     def _subsample(
         self, keys: Tensor, values: Tensor, limit: int | None, offset: int
