@@ -107,13 +107,8 @@ def test_csv_and_markdown_files(grid, tmp_path):
     assert main([str(grid), "--out", str(out), "--per-category"]) == 0
 
     rows = list(csv.DictReader((out / "report.csv").open()))
-    assert list(rows[0]) == [
-        "job",
-        "model.image_score_weight",
-        "model.top_k_ratio",
-        "method",
-        "dataset",
-    ] + list(METRIC_KEYS) + ["status"]
+    header = ["job", "model.image_score_weight", "model.top_k_ratio", "method", "dataset"]
+    assert list(rows[0]) == [*header, *METRIC_KEYS, "status"]
     assert len(rows) == 4 and {row["status"] for row in rows} == {"finished"}
     assert float(rows[3]["pixel_aupro"]) == pytest.approx(_expected_mean(1.0, 0.1, "pixel_aupro"), abs=1e-12)
 
