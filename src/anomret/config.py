@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
 
 
 def config_dir() -> Path:
@@ -24,3 +27,26 @@ def config_dir() -> Path:
         + ", ".join(str(c) for c in candidates)
         + "). Reinstall the package, or set ANOMRET_CONFIG_DIR to a conf/ directory."
     )
+
+
+def _join_nonempty(separator: str, *parts: Any) -> str:
+    """``${anomret.join:/,a,b}``: the non-empty parts joined (a W&B run name without a trailing ``/``)."""
+    return str(separator).join(str(part) for part in parts if part not in (None, ""))
+
+
+def _sweep_group(mode: Any, task_name: str) -> str:
+    """``task_name/<sweep directory name>`` for the jobs of one multirun, ``task_name`` for a single run.
+
+    The sweep directory is read only in a multirun: a config composed outside a run has no job name, so
+    its (unused) sweep directory would not resolve.
+    """
+    if not str(getattr(mode, "name", mode)).upper().endswith("MULTIRUN"):
+        return str(task_name)
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"{task_name}/{Path(str(HydraConfig.get().sweep.dir)).name}"
+
+
+# Used by conf/logger/wandb.yaml; registered on import, before any config is composed or resolved.
+OmegaConf.register_new_resolver("anomret.join", _join_nonempty, replace=True)
+OmegaConf.register_new_resolver("anomret.sweep_group", _sweep_group, replace=True)

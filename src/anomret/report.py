@@ -1,0 +1,603 @@
+"""``python -m anomret.report DIR [DIR ...]``: one table (CSV, markdown, rich) and plots for a sweep's jobs.
+
+A DIR is a multirun directory (``<job number>/results.json`` beside ``multirun.yaml``), one run directory, or
+any folder above them: every ``results.json`` below it is a job, and every ``.hydra/overrides.yaml`` without
+one is a job that failed or has not finished (listed as missing, never dropped silently). The columns are
+the overrides whose values differ across jobs, the method and dataset recorded in ``results.json``, and the
+seven metrics as the mean over categories (per category with ``--per-category``). ``--paper`` lays a
+cross-dataset sweep out as MRAD's Table 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from anomret.metrics.evaluator import METRIC_KEYS
+from anomret.metrics.report import METRIC_LABELS, EvaluationResult, _write_atomic
+
+__all__ = [
+    "PAPER_DATASETS",
+    "Job",
+    "PaperRow",
+    "PaperTable",
+    "ReportError",
+    "SweepReport",
+    "collect",
+    "find_jobs",
+    "main",
+    "paper_table",
+]
+
+RESULTS = "results.json"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+_TRAIN_HINT = "python -m anomret.train +experiment=NAME (add -m and comma lists for a sweep)"
+
+
+class ReportError(Exception):
+    """The directories given to the report cannot be turned into a table as they are."""
+
+
+def _natural_key(text: str) -> list[Any]:
+    # Job "10" after job "9": numbers compare as numbers.
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+def _parse_overrides(path: Path) -> dict[str, str]:
+    """``.hydra/overrides.yaml`` (a list of ``key=value`` lines) as key -> value, ``+``/``++`` dropped."""
+    try:
+        lines = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    except (OSError, yaml.YAMLError) as error:
+        raise ReportError(f"{path} is not a readable Hydra overrides file ({error})") from error
+    if not isinstance(lines, list):
+        raise ReportError(f"{path} is not a Hydra overrides file: expected a list of key=value lines")
+    overrides = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        key = key.lstrip("+")
+        if key.startswith("~"):  # a deletion: no value
+            overrides[key] = ""
+        elif sep:
+            overrides[key] = value
+    return overrides
+
+
+@dataclass
+class Job:
+    """One run of the sweep: where it is, its command-line overrides and, once finished, its results."""
+
+    path: Path
+    name: str
+    overrides: dict[str, str]
+    result: EvaluationResult | None
+
+    @property
+    def run_settings(self) -> dict[str, Any]:
+        run = (self.result.settings.get("run") if self.result else None) or {}
+        return run if isinstance(run, dict) else {}
+
+    @property
+    def method(self) -> str:
+        return str(self.run_settings.get("method") or "?")
+
+    @property
+    def dataset(self) -> str:
+        return str(self.run_settings.get("dataset") or self.overrides.get("dataset") or "?")
+
+
+def _read_result(path: Path) -> EvaluationResult:
+    try:
+        return EvaluationResult.read_json(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ReportError(
+            f"{path} is not a results file written by anomret ({type(error).__name__}: {error}); "
+            "delete it and run the job again"
+        ) from error
+
+
+def find_jobs(dirs: Sequence[str | Path]) -> list[Job]:
+    """Every job below ``dirs``: finished ones (``results.json``) and unfinished ones (overrides only).
+
+    Raises:
+        ReportError: a directory does not exist or holds no ``results.json`` at all.
+    """
+    if not dirs:
+        raise ReportError("no directory given: pass a multirun directory or one or more run directories")
+    job_dirs: dict[Path, bool] = {}
+    for entry in dirs:
+        root = Path(entry).expanduser()
+        if not root.is_dir():
+            raise ReportError(
+                f"{root} is not a directory: pass a run or multirun directory "
+                "(logs/<task_name>/train/<time> or logs/<task_name>/train-multirun/<time>)"
+            )
+        found = {p.parent.resolve() for p in root.rglob(RESULTS)}
+        if not found:
+            raise ReportError(
+                f"no {RESULTS} anywhere in {root}: the report needs a finished run, written by "
+                f"{_TRAIN_HINT} (or python -m anomret.eval ...). A run that failed or is still running "
+                f"has no {RESULTS} yet."
+            )
+        for job in found:
+            job_dirs[job] = True
+        for overrides in root.rglob(str(OVERRIDES)):
+            job_dirs.setdefault(overrides.parent.parent.resolve(), False)
+    paths = sorted(job_dirs, key=lambda p: _natural_key(str(p)))
+    base = _common_parent(paths)
+    jobs = []
+    for path in paths:
+        overrides_file = path / OVERRIDES
+        jobs.append(
+            Job(
+                path=path,
+                name=str(path.relative_to(base)) if path != base else path.name,
+                overrides=_parse_overrides(overrides_file) if overrides_file.is_file() else {},
+                result=_read_result(path / RESULTS) if job_dirs[path] else None,
+            )
+        )
+    return jobs
+
+
+def _common_parent(paths: Sequence[Path]) -> Path:
+    # Jobs are named by their path below this: "0", "1", ... for one multirun directory.
+    return paths[0].parent if len(paths) == 1 else Path(os.path.commonpath(paths))
+
+
+def _is_nan(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _percent(value: float | None) -> str:
+    return "–" if _is_nan(value) else f"{100 * value:.1f}"
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class SweepReport:
+    """The finished jobs of one or more sweeps, which overrides vary between them, and the unfinished ones.
+
+    Attributes:
+        jobs: finished jobs (with results), in job order.
+        missing: jobs with overrides but no ``results.json`` (failed, killed or still running).
+        swept: override keys whose values differ across the finished jobs, in order of appearance.
+        metrics: the metric columns (``METRIC_KEYS``).
+    """
+
+    jobs: list[Job]
+    missing: list[Job] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
+    metrics: tuple[str, ...] = METRIC_KEYS
+
+    # ------------------------------------------------------------------------------------------ rows
+    @property
+    def columns(self) -> list[str]:
+        return ["job", *self.swept, "method", "dataset"]
+
+    def rows(self, per_category: bool = False) -> list[dict[str, Any]]:
+        """One dict per job (``per_category``: per job and category, then the job's mean); raw fractions."""
+        rows = []
+        for job in self.jobs:
+            assert job.result is not None
+            head = {"job": job.name, **{k: job.overrides.get(k, "") for k in self.swept}}
+            head.update(method=job.method, dataset=job.dataset)
+            if per_category:
+                for category, values in job.result.per_category.items():
+                    rows.append({**head, "category": category, **{m: values.get(m) for m in self.metrics}})
+                rows.append({**head, "category": "mean", **self._mean(job)})
+            else:
+                rows.append({**head, **self._mean(job)})
+        return rows
+
+    def _mean(self, job: Job) -> dict[str, float]:
+        assert job.result is not None
+        mean = job.result.mean
+        return {m: mean.get(m, math.nan) for m in self.metrics}
+
+    def _header(self, per_category: bool) -> list[str]:
+        return [*self.columns, *(["category"] if per_category else []), *self.metrics]
+
+    # ------------------------------------------------------------------------------------------ text
+    def csv_text(self, per_category: bool = False) -> str:
+        """Raw fractions at full precision (as ``results.csv``), undefined metrics empty."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        header = self._header(per_category)
+        writer.writerow([*header, "status"])
+        for row in self.rows(per_category):
+            writer.writerow(
+                [
+                    *(
+                        ("" if _is_nan(row[k]) else repr(float(row[k]))) if k in self.metrics else row[k]
+                        for k in header
+                    ),
+                    "finished",
+                ]
+            )
+        for job in self.missing:  # failed or unfinished jobs stay visible, with empty metrics
+            cells = {"job": job.name, **{k: job.overrides.get(k, "") for k in self.swept}}
+            writer.writerow([*(cells.get(k, "") for k in header), "missing"])
+        return buffer.getvalue()
+
+    def markdown(self, per_category: bool = False) -> str:
+        """A GitHub table in percent with one decimal, as the papers; missing jobs listed below it."""
+        header = self._header(per_category)
+        labels = [METRIC_LABELS.get(k, k) for k in header]
+        lines = [
+            "| " + " | ".join(labels) + " |",
+            "|" + "|".join("---:" if k in self.metrics else "---" for k in header) + "|",
+        ]
+        for row in self.rows(per_category):
+            cells = [_percent(row[k]) if k in self.metrics else str(row[k]) for k in header]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.extend(self._missing_lines())
+        return "\n".join(lines) + "\n"
+
+    def _missing_lines(self) -> list[str]:
+        if not self.missing:
+            return []
+        lines = ["", f"Missing ({len(self.missing)} job(s) without {RESULTS}: failed or not finished):", ""]
+        for job in self.missing:
+            described = " ".join(f"{k}={v}" for k, v in job.overrides.items()) or "no overrides"
+            lines.append(f"- {job.name}: {described}")
+        return lines
+
+    def rich_table(self, per_category: bool = False, title: str | None = None) -> Table:
+        header = self._header(per_category)
+        table = Table(title=title, caption=f"{len(self.missing)} job(s) missing" if self.missing else None)
+        for key in header:
+            right = key in self.metrics
+            table.add_column(
+                METRIC_LABELS.get(key, key), justify="right" if right else "left", overflow="fold"
+            )
+        previous = None
+        for row in self.rows(per_category):
+            if per_category and previous is not None and row["job"] != previous:
+                table.add_section()
+            previous = row["job"]
+            style = "bold" if per_category and row.get("category") == "mean" else None
+            table.add_row(
+                *(_percent(row[k]) if k in self.metrics else str(row[k]) for k in header), style=style
+            )
+        for job in self.missing:
+            table.add_row(
+                job.name,
+                *(job.overrides.get(k, "") for k in self.swept),
+                "missing",
+                "",
+                *([""] if per_category else []),
+                *("" for _ in self.metrics),
+                style="red",
+            )
+        return table
+
+    # ----------------------------------------------------------------------------------------- plots
+    def _is_numeric(self, key: str) -> bool:
+        return all(_number(job.overrides.get(key)) is not None for job in self.jobs)
+
+    def _categories(self, key: str) -> list[str]:
+        return sorted({job.overrides.get(key, "") for job in self.jobs}, key=_natural_key)
+
+    def series(self, key: str, metric: str) -> dict[str, list[tuple[float, float]]]:
+        """The lines of one plot: label (the other swept keys' values) -> sorted (x, mean) points.
+
+        x is the key's value when all its values are numbers, else the index of the value in
+        :meth:`_categories` order; the mean is a fraction (NaN where undefined).
+        """
+        numeric, categories = self._is_numeric(key), self._categories(key)
+        others = [k for k in self.swept if k != key]
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for job in self.jobs:
+            value = job.overrides.get(key, "")
+            x = _number(value) if numeric else categories.index(value)
+            label = ", ".join(f"{k}={job.overrides.get(k, '')}" for k in others)
+            lines.setdefault(label, []).append((float(x), self._mean(job)[metric]))
+        return {label: sorted(points) for label, points in lines.items()}
+
+    def plot(self, out_dir: str | Path) -> list[Path]:
+        """One PNG per metric and swept key: the metric (mean, %) against the key's values.
+
+        Numeric values go on a numeric axis, others on a categorical one; each combination of the other
+        swept keys is one line (one line per value of the other key in a two-key sweep).
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out_dir = Path(out_dir)
+        written: list[Path] = []
+        for key in self.swept:
+            for metric in self.metrics:
+                lines = self.series(key, metric)
+                if all(_is_nan(y) for points in lines.values() for _, y in points):
+                    continue  # undefined for every job, e.g. pixel metrics of an image-only dataset
+                figure, axes = plt.subplots(figsize=(6, 4))
+                for label, points in lines.items():
+                    axes.plot(
+                        [x for x, _ in points], [100 * y for _, y in points], marker="o", label=label or None
+                    )
+                if not self._is_numeric(key):
+                    categories = self._categories(key)
+                    axes.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+                axes.set_xlabel(key)
+                axes.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%, mean over categories)")
+                axes.grid(alpha=0.3)
+                if len(lines) > 1:
+                    axes.legend(fontsize="small")
+                figure.tight_layout()
+                path = out_dir / f"{metric}_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp.png")
+                figure.savefig(tmp, dpi=100)
+                os.replace(tmp, path)
+                plt.close(figure)
+                written.append(path)
+        return written
+
+    # ---------------------------------------------------------------------------------------- write
+    def write(self, out_dir: str | Path, per_category: bool = False, plots: bool = True) -> list[Path]:
+        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png``; atomic writes."""
+        out_dir = Path(out_dir)
+        written = [
+            _write_atomic(out_dir / "report.csv", lambda h: h.write(self.csv_text())),
+            _write_atomic(out_dir / "report.md", lambda h: h.write(self.markdown())),
+        ]
+        if per_category:
+            written += [
+                _write_atomic(out_dir / "report_per_category.csv", lambda h: h.write(self.csv_text(True))),
+                _write_atomic(out_dir / "report_per_category.md", lambda h: h.write(self.markdown(True))),
+            ]
+        if plots:
+            written += self.plot(out_dir / "plots")
+        return written
+
+
+def collect(dirs: Sequence[str | Path], allow_mixed: bool = False) -> SweepReport:
+    """Gather the jobs below ``dirs`` into a :class:`SweepReport`.
+
+    Raises:
+        ReportError: no results anywhere, or jobs of different methods without ``allow_mixed``.
+    """
+    jobs = find_jobs(dirs)
+    finished = [job for job in jobs if job.result is not None]
+    missing = [job for job in jobs if job.result is None]
+    methods = sorted({job.method for job in finished})
+    if len(methods) > 1 and not allow_mixed:
+        listing = "\n".join(
+            f"  {method}: " + ", ".join(job.name for job in finished if job.method == method)
+            for method in methods
+        )
+        raise ReportError(
+            f"the jobs are of {len(methods)} different methods:\n{listing}\n"
+            "report each method's directory separately, or pass --allow-mixed to put them in one table"
+        )
+    keys: list[str] = []
+    for job in finished:
+        keys += [k for k in job.overrides if k not in keys]
+    swept = [k for k in keys if len({job.overrides.get(k) for job in finished}) > 1]
+    return SweepReport(finished, missing, swept)
+
+
+# ---------------------------------------------------------------------------------------- --paper
+@dataclass(frozen=True)
+class PaperDataset:
+    name: str  # anomret's dataset name (conf/dataset/<name>.yaml)
+    label: str  # as printed in the paper
+    group: str  # "Industrial" or "Medical"
+    image: bool  # a row of Table 1(b), image level
+    pixel: bool  # a row of Table 1(a), pixel level
+
+
+# MRAD Table 1 rows in the paper's order: (a) pixel level lists the 8 industrial sets and the 5 medical sets
+# with masks; (b) image level the 8 industrial sets and the 3 image-only medical sets. Its "Average" rows are
+# the mean over the datasets of each sub-table.
+PAPER_DATASETS = (
+    PaperDataset("mvtec", "MVTec-AD", "Industrial", True, True),
+    PaperDataset("visa", "VisA", "Industrial", True, True),
+    PaperDataset("btad", "BTAD", "Industrial", True, True),
+    PaperDataset("mpdd", "MPDD", "Industrial", True, True),
+    PaperDataset("dtd", "DTD-Synthetic", "Industrial", True, True),
+    PaperDataset("sdd", "SDD", "Industrial", True, True),
+    PaperDataset("ksdd2", "KSDD2", "Industrial", True, True),
+    PaperDataset("dagm", "DAGM", "Industrial", True, True),
+    PaperDataset("isic", "ISIC", "Medical", False, True),
+    PaperDataset("colondb", "CVC-ColonDB", "Medical", False, True),
+    PaperDataset("clinicdb", "CVC-ClinicDB", "Medical", False, True),
+    PaperDataset("kvasir", "Kvasir", "Medical", False, True),
+    PaperDataset("endo", "Endo", "Medical", False, True),
+    PaperDataset("headct", "HeadCT", "Medical", True, False),
+    PaperDataset("brainmri", "BrainMRI", "Medical", True, False),
+    PaperDataset("br35h", "Br35H", "Medical", True, False),
+)
+PAPER_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
+_IMAGE_METRICS = {"image_auroc", "image_ap"}
+
+
+@dataclass
+class PaperRow:
+    label: str
+    group: str
+    values: dict[str, float]  # metric -> fraction (NaN where undefined)
+    job: str = ""
+
+
+@dataclass
+class PaperTable:
+    """MRAD Table 1: one row per target dataset (industrial, then medical), then the paper's Average."""
+
+    rows: list[PaperRow]
+    average: dict[str, float]
+    counts: dict[str, tuple[int, int]]  # metric -> (datasets averaged, datasets in the paper's sub-table)
+    method: str
+
+    def csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["group", "dataset", *(METRIC_LABELS[m] for m in PAPER_METRICS), "job"])
+        for row in [*self.rows, PaperRow("Average", "", self.average)]:
+            writer.writerow(
+                [row.group, row.label, *(_percent(row.values.get(m)) for m in PAPER_METRICS), row.job]
+            )
+        return buffer.getvalue()
+
+    def markdown(self) -> str:
+        lines = [
+            f"MRAD Table 1 layout ({self.method}), % with one decimal.",
+            "",
+            "| dataset | " + " | ".join(METRIC_LABELS[m] for m in PAPER_METRICS) + " |",
+            "|---|" + "---:|" * len(PAPER_METRICS),
+        ]
+        group = None
+        for row in self.rows:
+            if row.group != group:
+                group = row.group
+                lines.append(f"| *{group}* |" + " |" * len(PAPER_METRICS))
+            lines.append(
+                f"| {row.label} | " + " | ".join(_percent(row.values.get(m)) for m in PAPER_METRICS) + " |"
+            )
+        lines.append(
+            "| **Average** | " + " | ".join(f"**{_percent(self.average[m])}**" for m in PAPER_METRICS) + " |"
+        )
+        lines += ["", self.average_note()]
+        return "\n".join(lines) + "\n"
+
+    def average_note(self) -> str:
+        parts = [f"{METRIC_LABELS[m]} {n} of {total}" for m, (n, total) in self.counts.items()]
+        return (
+            "Average: mean over the paper's datasets of each sub-table (image level: 8 industrial + 3 "
+            "medical, pixel level: 8 industrial + 5 medical) present here — " + ", ".join(parts) + "."
+        )
+
+    def rich_table(self) -> Table:
+        table = Table(title=f"MRAD Table 1 layout: {self.method}", caption=self.average_note())
+        table.add_column("dataset", no_wrap=True)
+        for metric in PAPER_METRICS:
+            table.add_column(METRIC_LABELS[metric], justify="right")
+        group = None
+        for row in self.rows:
+            if row.group != group:
+                if group is not None:
+                    table.add_section()
+                group = row.group
+                table.add_row(f"[italic]{group}[/italic]", *("" for _ in PAPER_METRICS))
+            table.add_row(row.label, *(_percent(row.values.get(m)) for m in PAPER_METRICS))
+        table.add_section()
+        table.add_row("Average", *(_percent(self.average[m]) for m in PAPER_METRICS), style="bold")
+        return table
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        return [
+            _write_atomic(out_dir / "paper_table1.csv", lambda h: h.write(self.csv_text())),
+            _write_atomic(out_dir / "paper_table1.md", lambda h: h.write(self.markdown())),
+        ]
+
+
+def paper_table(report: SweepReport) -> PaperTable:
+    """Lay a cross-dataset sweep out as MRAD's Table 1 (datasets the paper does not list come last).
+
+    Raises:
+        ReportError: two jobs evaluate the same dataset (the table has one row per dataset).
+    """
+    by_dataset: dict[str, Job] = {}
+    for job in report.jobs:
+        if job.dataset in by_dataset:
+            raise ReportError(
+                f"--paper needs one job per dataset, but jobs {by_dataset[job.dataset].name} and {job.name} "
+                f"both evaluate {job.dataset!r}; report a sweep over dataset= only (other keys fixed), "
+                "or leave out --paper"
+            )
+        by_dataset[job.dataset] = job
+    rows, counted = [], {m: [] for m in PAPER_METRICS}
+    known = {d.name: d for d in PAPER_DATASETS}
+    for spec in PAPER_DATASETS:
+        job = by_dataset.get(spec.name)
+        if job is None:
+            continue
+        values = report._mean(job)
+        rows.append(PaperRow(spec.label, spec.group, {m: values[m] for m in PAPER_METRICS}, job.name))
+        for metric in PAPER_METRICS:
+            in_table = spec.image if metric in _IMAGE_METRICS else spec.pixel
+            if in_table and not _is_nan(values[metric]):
+                counted[metric].append(values[metric])
+    for name in sorted(set(by_dataset) - set(known), key=_natural_key):
+        values = report._mean(by_dataset[name])
+        rows.append(
+            PaperRow(
+                name, "Other (not in the paper)", {m: values[m] for m in PAPER_METRICS}, by_dataset[name].name
+            )
+        )
+    totals = {
+        m: sum(d.image if m in _IMAGE_METRICS else d.pixel for d in PAPER_DATASETS) for m in PAPER_METRICS
+    }
+    average = {m: math.fsum(v) / len(v) if v else math.nan for m, v in counted.items()}
+    methods = sorted({job.method for job in report.jobs})
+    return PaperTable(
+        rows, average, {m: (len(counted[m]), totals[m]) for m in PAPER_METRICS}, ", ".join(methods)
+    )
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _default_out(dirs: Sequence[str | Path]) -> Path:
+    paths = [Path(d).expanduser().resolve() for d in dirs]
+    return paths[0] if len(paths) == 1 else _common_parent(paths)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m anomret.report",
+        description="Gather the results.json of a sweep's jobs (or of several runs) into one table and plots.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun directory, or run directories")
+    parser.add_argument("--out", help="where to write report.csv, report.md and plots/ (default: DIR)")
+    parser.add_argument("--per-category", action="store_true", help="also one row per job and category")
+    parser.add_argument("--paper", action="store_true", help="MRAD Table 1 layout of a sweep over dataset=")
+    parser.add_argument("--allow-mixed", action="store_true", help="allow jobs of different methods")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+
+    try:
+        report = collect(args.dirs, allow_mixed=args.allow_mixed)
+        out = Path(args.out).expanduser() if args.out else _default_out(args.dirs)
+        written = report.write(out, per_category=args.per_category, plots=not args.no_plots)
+        table = paper_table(report) if args.paper else None
+        if table is not None:
+            written += table.write(out)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    console = Console(width=max(Console().width, 120))
+    console.print(report.rich_table(args.per_category, title=f"{len(report.jobs)} job(s)"))
+    if table is not None:
+        console.print(table.rich_table())
+    if report.missing:
+        console.print(
+            f"[red]{len(report.missing)} job(s) have no {RESULTS} (failed or not finished):[/red] "
+            + ", ".join(job.name for job in report.missing)
+        )
+    console.print(f"wrote {len(written)} file(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
