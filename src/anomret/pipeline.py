@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -50,16 +51,27 @@ class ConfigError(ValueError):
     """A composed config that cannot make a valid run."""
 
 
+def build(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a constructor's own error (its message says what to fix)
+    instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(config, *args, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError, RuntimeError)):
+            raise error.__cause__ from None
+        raise
+
+
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
     if not config:
         return []
-    return [instantiate(entry) for entry in config.values() if entry is not None and "_target_" in entry]
+    return [build(entry) for entry in config.values() if entry is not None and "_target_" in entry]
 
 
 def instantiate_callbacks(config: DictConfig | None) -> list[lightning.Callback]:
     if not config:
         return []
-    return [instantiate(entry) for entry in config.values() if entry is not None and "_target_" in entry]
+    return [build(entry) for entry in config.values() if entry is not None and "_target_" in entry]
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -98,14 +110,14 @@ def build_model(cfg: DictConfig, encoder: Encoder) -> RetrievalModule:
     # Built objects are passed to a partial, not to instantiate(): Hydra would merge them into the
     # config and turn dataclasses back into config nodes.
     return instantiate(cfg.model, _partial_=True)(
-        encoder=encoder, retrieval=instantiate(cfg.retrieval), evaluator=instantiate(cfg.evaluation)
+        encoder=encoder, retrieval=build(cfg.retrieval), evaluator=build(cfg.evaluation)
     )
 
 
 def build_trainer(
     cfg: DictConfig, loggers: list[Logger], callbacks: list[lightning.Callback]
 ) -> lightning.Trainer:
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return build(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
 
 def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
@@ -174,7 +186,8 @@ def prepare_run(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     """Get or build the memory, attach it, fit if the method trains (and ``fit``), test, write results."""
     output_dir = prepare_run(cfg)
-    encoder = instantiate(cfg.encoder)
+    settings: MemorySettings = build(cfg.memory)  # cheap checks first
+    encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)
     datamodule = instantiate(cfg.data, _partial_=True)(
         dataset=cfg.dataset,
@@ -184,7 +197,6 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     )
     model = build_model(cfg, encoder)
     model.set_feature_store(store)
-    settings: MemorySettings = instantiate(cfg.memory)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     # Every source is read and checked before any compute: a bad evaluation set fails in seconds.
@@ -208,6 +220,7 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
         if model.test_results is None:
             raise RuntimeError("the test pass did not finish; no results were written")
         result = model.test_results
+        log.info("features: %s", model.extractor.describe())
         result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
         if trainer.is_global_zero:
             artifacts = {
@@ -288,11 +301,11 @@ def predict(cfg: DictConfig) -> Path:
     """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
     output_dir = prepare_run(cfg)
     samples = image_folder_samples(cfg.input)
-    encoder = instantiate(cfg.encoder)
+    encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)
     model = build_model(cfg, encoder)
     model.set_feature_store(store)
-    settings: MemorySettings = instantiate(cfg.memory)
+    settings: MemorySettings = build(cfg.memory)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     bank, info = load_saved_bank(settings, encoder, "predict", checkpoint)

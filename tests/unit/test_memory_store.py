@@ -76,3 +76,65 @@ def test_data_fingerprint_changes_with_content(tmp_path):
     assert data_fingerprint(samples, tmp_path) == first
     image.write_bytes(b"123456")
     assert data_fingerprint(samples, tmp_path) != first
+
+
+def _labeled_tensors(**changes):
+    tensors = {
+        "image_keys": torch.nn.functional.normalize(torch.randn(3, 4), dim=-1),
+        "image_values": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+        "patch_keys": torch.nn.functional.normalize(torch.randn(5, 6), dim=-1),
+        "patch_values": torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]]),
+    }
+    tensors.update(changes)
+    return {k: v for k, v in tensors.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"patch_keys": None, "patch_protos": torch.zeros(5, 6)}, r"holds tensors .*patch_protos"),
+        ({"image_values": torch.ones(4, 2) / 2}, r"n_images=4 but 3"),
+        ({"patch_keys": torch.zeros(5, 6, 1)}, r"patch_keys.*expected \[n_patches, patch_dim\]"),
+        ({"image_keys": torch.full((3, 4), float("nan"))}, r"NaN or infinite"),
+        ({"image_keys": torch.zeros(3, 4, dtype=torch.float16)}, r"is torch.float16"),
+        ({"image_values": torch.tensor([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])}, r"not one-hot"),
+    ],
+)
+def test_labeled_bank_with_valid_metadata_but_wrong_tensors_is_refused_on_load(tmp_path, changes, message):
+    from anomret.memory.labeled import LabeledMemoryBank
+
+    path = save_bank(tmp_path / "bank.safetensors", _labeled_tensors(**changes), {"kind": "labeled"})
+    with pytest.raises(BankError, match=message):
+        LabeledMemoryBank.load(path)
+
+
+def test_bank_from_another_encoder_size_is_refused_when_attached(tmp_path):
+    from anomret.memory.labeled import LabeledMemoryBank
+
+    path = save_bank(tmp_path / "bank.safetensors", _labeled_tensors(), {"kind": "labeled"})
+    bank = LabeledMemoryBank.load(path)
+    bank.check_compatible({"image": 4, "patch": 6})
+    with pytest.raises(BankError, match=r"patch keys are 6-d but this run's encoder gives 64-d"):
+        bank.check_compatible({"image": 4, "patch": 64})
+
+
+def test_saving_removes_temporaries_of_killed_writers_and_missing_bank_is_not_called_unreadable(tmp_path):
+    import socket
+
+    leftover = tmp_path / f".bank.safetensors.{socket.gethostname()}-999999999.x.tmp"
+    leftover.write_bytes(b"partial")
+    _save(tmp_path / "bank.safetensors")
+    assert not leftover.exists()
+    with pytest.raises(BankError, match="does not exist") as error:
+        read_bank_metadata(tmp_path / "nowhere.safetensors")
+    assert "Delete it" not in str(error.value)
+
+
+def test_memory_map_reads_tensors_without_loading_them(tmp_path):
+    from anomret.memory.store import open_memmap
+
+    data = torch.arange(24, dtype=torch.float16).reshape(4, 3, 2)
+    path = save_bank(tmp_path / "bank.safetensors", {"grid": data, "cls": torch.ones(4, 2)}, {"kind": "x"})
+    maps = open_memmap(path)
+    assert isinstance(maps["grid"], __import__("numpy").memmap)
+    torch.testing.assert_close(torch.from_numpy(maps["grid"][[3, 1]]), data[[3, 1]])

@@ -53,6 +53,11 @@ class FeatureExtractor:
     def __init__(self, encoder: Encoder, store: FeatureStore | None = None) -> None:
         self.encoder = encoder
         self.store = store
+        self.encoded = 0  # images that went through the encoder
+        self.reused = 0  # images whose features were read from the store
+
+    def describe(self) -> str:
+        return f"{self.encoded} image(s) encoded, {self.reused} read from the feature store"
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, Any]) -> Features:
@@ -61,6 +66,7 @@ class FeatureExtractor:
         images = batch.get("image")
         if images is not None and images.shape[0] > 0:
             features = self.encoder(images)
+            self.encoded += images.shape[0]
             if self.store is not None:
                 # Round fresh features as stored ones are, so a run gives the same numbers whether or
                 # not the store already had its images.
@@ -72,6 +78,7 @@ class FeatureExtractor:
         stored = batch.get("features")
         if stored is not None:
             parts.append((batch["cached"], features_from_stacked(stored)))
+            self.reused += len(batch["cached"])
         if not parts:
             raise ValueError("the batch holds neither images nor stored features")
         if sum(len(positions) for positions, _ in parts) != size:

@@ -1,0 +1,31 @@
+"""Runs with the feature store: the encoder runs once per image, the numbers do not move."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from anomret.pipeline import run
+
+
+def test_second_run_reads_every_feature_from_the_store_with_identical_results(compose_config, tmp_path, caplog):
+    plain = run(compose_config(["+experiment=demo"]), fit=True)
+    store = ["+experiment=demo", "features.enabled=true", "features.dtype=fp32"]
+    with caplog.at_level(logging.INFO, logger="anomret.pipeline"):
+        cold = run(compose_config(store), fit=True)
+        assert "features: 42 image(s) encoded, 0 read from the feature store" in caplog.text
+        caplog.clear()
+        warm = run(compose_config(store), fit=True)
+        # The bank is cached and every test image is in the store: the encoder never runs.
+        assert "features: 0 image(s) encoded, 42 read from the feature store" in caplog.text
+    assert cold.per_category == plain.per_category == warm.per_category  # fp32: bit-exact
+    assert list((tmp_path / ".cache" / "features").iterdir()), "entries live under paths.cache_dir/features"
+
+
+def test_fp16_store_moves_metrics_by_rounding_only(compose_config):
+    plain = run(compose_config(["+experiment=demo"]), fit=True)
+    half = run(compose_config(["+experiment=demo", "features.enabled=true"]), fit=True)
+    for category, values in plain.per_category.items():
+        for metric, value in values.items():
+            assert half.per_category[category][metric] == pytest.approx(value, abs=0.02), (category, metric)
