@@ -280,6 +280,77 @@ def build_endo(parent: Path) -> FakeTree:
     return _images_and_masks("endo", root, root, ["a1", "b2"], ".jpg", ".png")
 
 
+def build_realiad(parent: Path, *, nested_jsons: bool = True, category_in_paths: bool = False) -> FakeTree:
+    """Real-IAD: realiad_1024/<category>/{OK,NG/<code>}/S<id>/*.jpg (+ .png masks), split by JSON files.
+
+    ``nested_jsons``: ``realiad_jsons/realiad_jsons/<category>.json`` (else ``realiad_jsons/<category>.json``);
+    ``category_in_paths``: JSON paths start with the category folder (else relative to it).
+    """
+    import json
+
+    root = parent / "realiad"
+    json_dir = root / "realiad_jsons" / "realiad_jsons" if nested_jsons else root / "realiad_jsons"
+    json_dir.mkdir(parents=True)
+    counts: Counts = {"train": {}, "test": {}}
+    pairs: list[tuple[str, str]] = []
+    seed = 1000
+    for category in ("audiojack", "pcb"):
+        base = root / "realiad_1024" / category
+        splits: dict[str, list[dict]] = {"train": [], "test": []}
+
+        def entry(image: str, defect: str, mask: str | None, category: str = category) -> dict:
+            prefix = f"{category}/" if category_in_paths else ""
+            return {
+                "category": category,
+                "anomaly_class": defect,
+                "image_path": prefix + image,
+                "mask_path": prefix + mask if mask else None,
+            }
+
+        for i in range(3):  # two normal train images, one normal test image
+            image = f"OK/S{i:04d}/{category}_{i:04d}_OK_C1_2023.jpg"
+            write_image(base / image, seed := seed + 1)
+            splits["train" if i < 2 else "test"].append(entry(image, "OK", None))
+        for i, code in enumerate(("AK", "BX")):
+            stem = f"NG/{code}/S{10 + i:04d}/{category}_{10 + i:04d}_NG_{code}_C2_2023"
+            write_image(base / f"{stem}.jpg", seed := seed + 1)
+            write_mask(base / f"{stem}.png")
+            splits["test"].append(entry(f"{stem}.jpg", code, f"{stem}.png"))
+            pairs.append((f"realiad_1024/{category}/{stem}.jpg", f"realiad_1024/{category}/{stem}.png"))
+        # Another view of a defective sample in which the defect is not visible: labelled OK, no mask.
+        hidden = f"NG/AK/S0010/{category}_0010_NG_AK_C5_2023.jpg"
+        write_image(base / hidden, seed := seed + 1)
+        splits["test"].append(entry(hidden, "OK", None))
+        meta = {"prefix": "", "normal_class": "OK"}
+        (json_dir / f"{category}.json").write_text(json.dumps({"meta": meta, **splits}))
+        counts["train"][category] = (2, 0, 0)
+        counts["test"][category] = (2, 2, 2)
+    return FakeTree("realiad", root, counts, pairs)
+
+
+def build_3dadam(parent: Path) -> FakeTree:
+    """3D-ADAM as on the hub: <category>/{train,validation,test}/<type>/{rgb,xyz,ground_truth}/."""
+    root = parent / "3dadam"
+    counts: Counts = {"train": {}, "test": {}}
+    pairs: list[tuple[str, str]] = []
+    seed = 1100
+    for category in ("1m1", "gripper_open"):
+        base = root / category
+        for split, n in (("train", 2), ("validation", 1)):
+            for i in range(n):
+                write_image(base / split / "good" / "rgb" / f"{i:03d}.png", seed := seed + 1)
+                (base / split / "good" / "xyz").mkdir(parents=True, exist_ok=True)
+                (base / split / "good" / "xyz" / f"{i:03d}.tiff").write_bytes(b"II*\x00")  # not read
+        for defect in ("cut", "hole"):
+            for i in range(2):
+                image = write_image(base / "test" / defect / "rgb" / f"{i:03d}.png", seed := seed + 1)
+                mask = write_mask(base / "test" / defect / "ground_truth" / f"{i:03d}.png")
+                pairs.append((image.relative_to(root).as_posix(), mask.relative_to(root).as_posix()))
+        counts["train"][category] = (2, 0, 0)
+        counts["test"][category] = (1, 4, 4)
+    return FakeTree("3dadam", root, counts, pairs)
+
+
 BUILDERS: dict[str, Callable[[Path], FakeTree]] = {
     "mvtec": build_mvtec,
     "visa": build_visa,
@@ -297,6 +368,8 @@ BUILDERS: dict[str, Callable[[Path], FakeTree]] = {
     "clinicdb": build_clinicdb,
     "kvasir": build_kvasir,
     "endo": build_endo,
+    "realiad": build_realiad,
+    "3dadam": build_3dadam,
 }
 
 

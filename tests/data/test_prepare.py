@@ -19,20 +19,22 @@ MRAD_DATASETS = [
     "mvtec", "visa", "btad", "mpdd", "dtd", "sdd", "ksdd2", "dagm",
     "headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir", "endo",
 ]  # fmt: skip
+RAD_DATASETS = ["realiad", "3dadam"]  # RAD's benchmarks beyond MVTec and VisA
+ALL_DATASETS = MRAD_DATASETS + RAD_DATASETS
 
 
 def _meta(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_registry_covers_the_sixteen_mrad_datasets() -> None:
-    assert list(DATASETS) == MRAD_DATASETS
+def test_registry_covers_the_sixteen_mrad_datasets_then_rads() -> None:
+    assert list(DATASETS) == ALL_DATASETS
     assert set(BUILDERS) == set(DATASETS)
     for spec in DATASETS.values():
         assert spec.layout.startswith("ROOT/") and spec.download and spec.description
 
 
-@pytest.mark.parametrize("name", MRAD_DATASETS)
+@pytest.mark.parametrize("name", ALL_DATASETS)
 def test_prepare_indexes_the_published_layout(tmp_path: Path, name: str) -> None:
     tree = build_tree(name, tmp_path)
     target = prepare(name, tree.root)
@@ -214,7 +216,7 @@ def test_visa_csv_with_missing_files_is_an_error(tmp_path: Path) -> None:
     assert "pcb1/Data/Images" in str(info.value) and "7 file(s)" in str(info.value)  # 5 images + 2 masks
 
 
-@pytest.mark.parametrize("name", MRAD_DATASETS)
+@pytest.mark.parametrize("name", ALL_DATASETS)
 def test_wrong_root_is_a_layout_error_with_tree_and_download(tmp_path: Path, name: str) -> None:
     root = tmp_path / "somewhere"
     (root / "unrelated").mkdir(parents=True)

@@ -157,3 +157,109 @@ def test_bf16_autocast_on_cpu_returns_fp32_features():
     assert features.cls.dtype == torch.float32 and features.patches[3].dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         tiny_dinov3(precision="int8")
+
+
+# --- DINOv3 RoPE periods: Meta's checkpoint values (bf16), not timm's fp32 recomputation ---------
+
+HEAD_PERIODS = 4  # head dim 16 (embed 32, 2 heads) -> 16 / 4 periods
+
+
+def _timm_fp32_periods() -> torch.Tensor:
+    # DINOv3's schedule: base 100, exponents 2 k / (head_dim / 2), computed in fp32.
+    return 100.0 ** (2.0 * torch.arange(HEAD_PERIODS, dtype=torch.float32) / (16 // 2))
+
+
+def _official_rope(periods: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Meta's RopePositionEmbedding.forward (normalize_coords="separate"), as [sin, cos] concatenated."""
+    coords_h = torch.arange(0.5, height, dtype=torch.float32) / height
+    coords_w = torch.arange(0.5, width, dtype=torch.float32) / width
+    coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
+    coords = 2.0 * coords - 1.0
+    angles = 2 * torch.pi * coords[:, :, None] / periods[None, None, :]
+    angles = angles.flatten(1, 2).tile(2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def _write_meta_checkpoint(path: Path, source: TimmViTEncoder, periods: torch.Tensor) -> None:
+    """Meta's raw DINOv3 state-dict layout (dinov3_vitb16_pretrain_lvd1689m-*.pth) of ``source``."""
+    state = {}
+    for key, value in source.model.state_dict().items():
+        key = key.replace("reg_token", "storage_tokens")
+        key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        state[key] = value.clone()
+    state["mask_token"] = torch.zeros(1, source.model.embed_dim)
+    state["rope_embed.periods"] = periods.to(torch.bfloat16)  # as Meta's file stores it
+    torch.save(state, path)
+
+
+def test_meta_checkpoint_rope_periods_are_used(tmp_path):
+    source = tiny_dinov3(seed=3)
+    stored = torch.tensor([1.5, 4.0, 12.0, 40.0])  # exactly representable in bf16, unlike the schedule
+    path = tmp_path / "dinov3_vitb16_pretrain_lvd1689m-test.pth"
+    _write_meta_checkpoint(path, source, stored)
+
+    loaded = tiny_dinov3(pretrained=str(path))
+    rope = loaded.model.rope
+    assert rope.periods.dtype == torch.float32
+    torch.testing.assert_close(rope.periods, stored, rtol=0, atol=0)
+    torch.testing.assert_close(rope.get_embed(shape=[4, 4]), _official_rope(stored, 4, 4), rtol=0, atol=0)
+    assert loaded.fingerprint()["rope_periods"] == "checkpoint"
+    # The rest of Meta's file went through timm's key conversion: every weight matches the source.
+    for key, value in source.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+    # The periods survive a dtype cast of the model, where timm would recompute its own.
+    loaded.model.to(torch.bfloat16)
+    torch.testing.assert_close(rope.periods, stored, rtol=0, atol=0)
+
+
+def test_without_stored_periods_the_fp32_schedule_is_rounded_to_bf16(tmp_path):
+    expected = _timm_fp32_periods().to(torch.bfloat16).float()
+    assert not torch.equal(expected, _timm_fp32_periods())  # the rounding is visible at these sizes
+    random = tiny_dinov3()
+    torch.testing.assert_close(random.model.rope.periods, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        random.model.rope.get_embed(shape=[4, 4]), _official_rope(expected, 4, 4), rtol=0, atol=0
+    )
+    path = tmp_path / "timm_format.safetensors"  # timm's hub copy holds no periods buffer
+    save_file(dict(random.model.state_dict()), str(path))
+    from_file = tiny_dinov3(pretrained=str(path))
+    torch.testing.assert_close(from_file.model.rope.periods, expected, rtol=0, atol=0)
+    assert (
+        random.fingerprint()["rope_periods"] == from_file.fingerprint()["rope_periods"] == "fp32_rounded_bf16"
+    )
+
+
+def test_fp32_option_keeps_timms_periods_even_with_a_meta_checkpoint(tmp_path):
+    path = tmp_path / "meta.pth"
+    _write_meta_checkpoint(path, tiny_dinov3(), torch.tensor([1.5, 4.0, 12.0, 40.0]))
+    for encoder in (tiny_dinov3(rope_periods="fp32"), tiny_dinov3(pretrained=str(path), rope_periods="fp32")):
+        torch.testing.assert_close(encoder.model.rope.periods, _timm_fp32_periods(), rtol=0, atol=0)
+        assert encoder.fingerprint()["rope_periods"] == "fp32"
+    with pytest.raises(ValueError, match="rope_periods"):
+        tiny_dinov3(rope_periods="bf16")
+
+
+def test_rope_periods_choice_changes_features_and_fingerprint():
+    images = torch.randn(1, 3, 64, 64)
+    rounded, fp32 = tiny_dinov3(), tiny_dinov3(rope_periods="fp32")
+    for encoder in (rounded, fp32):
+        for block in encoder.model.blocks:
+            block.gamma_1.data.fill_(1.0)  # layer scale starts at 1e-5: let attention reach the tokens
+            block.attn.qkv.weight.data.mul_(30.0)  # and make it position-sensitive, as trained weights are
+    assert (rounded(images).patches[3] - fp32(images).patches[3]).abs().max() > 1e-4
+    assert rounded.fingerprint() != fp32.fingerprint()
+    assert json.loads(json.dumps(rounded.fingerprint())) == rounded.fingerprint()
+    plain_vit = instantiate(OmegaConf.load(CONF / "tiny_vit.yaml"))  # no RoPE: nothing to choose
+    assert plain_vit.fingerprint()["rope_periods"] is None
+
+
+def test_meta_checkpoint_with_periods_of_another_size_is_an_error(tmp_path):
+    path = tmp_path / "meta.pth"
+    _write_meta_checkpoint(path, tiny_dinov3(), torch.ones(8))
+    with pytest.raises(ValueError, match="another architecture"):
+        tiny_dinov3(pretrained=str(path))
+
+
+def test_dinov3_config_reads_periods_from_the_checkpoint():
+    config = OmegaConf.load(CONF / "dinov3_vitb16.yaml")
+    assert config.rope_periods == "checkpoint"

@@ -6,7 +6,7 @@ Usage::
     python -m anomret.data.prepare --list
 
 NAME is one of ``DATASETS`` (case-insensitive): mvtec, visa, btad, mpdd, dtd, sdd, ksdd2, dagm,
-headct, brainmri, br35h, isic, colondb, clinicdb, kvasir, endo. The index has the AnomalyCLIP/MRAD
+headct, brainmri, br35h, isic, colondb, clinicdb, kvasir, endo, realiad, 3dadam. The index has the AnomalyCLIP/MRAD
 format (:mod:`anomret.data.meta`), so the official codes can read it too. Nothing is copied,
 converted or re-binarised: records point at the published files.
 """

@@ -5,13 +5,18 @@ paths, so ground truth always lands on the pixels of the image it annotates:
 
 - image: ``uint8 [H, W, 3]`` -> PIL resize to ``resize x resize`` (bicubic or bilinear) -> centre
   crop -> float ``[0, 1]`` -> normalise with the encoder's mean/std;
-- mask: ``{0, 1}`` as float -> PIL bilinear resize to ``resize`` -> the same centre crop -> nearest
-  resize to ``mask_size`` when it differs from the crop -> ``> threshold``.
+- mask: ``{0, 1}`` -> 8-bit ``L`` image with values 0/255 -> PIL bilinear resize to ``resize`` -> the
+  same centre crop -> ``/ 255`` -> nearest resize to ``mask_size`` when it differs from the crop ->
+  ``> threshold``.
 
 Resizing goes through PIL, as in the official pipelines (torchvision ``Resize`` on PIL images):
 PIL antialiases when downscaling and resamples in two passes with uint8 rounding in between, which
-torch's interpolation does not reproduce exactly. Masks are resized as 32-bit float images, so no
-rounding enters before the threshold. No augmentation: both methods are evaluated deterministically.
+torch's interpolation does not reproduce exactly. Masks are resized as 8-bit images because both
+official codes do so (MRAD: bilinear to 518, ``ToTensor``, ``> 0.5``; RAD: bilinear to 512, crop 448,
+``ToTensor``, nearest to 256, ``> 0``): the uint8 rounding flips boundary pixels against a float
+resize (tens per mask at MVTec sizes, thousands at an exact 2x reduction), so the ground truth, and
+with it every pixel metric, would differ from the published protocol. No augmentation: both methods
+are evaluated deterministically.
 """
 
 from __future__ import annotations
@@ -117,10 +122,13 @@ class ImageTransform:
 class MaskTransform:
     """``bool [H, W]`` -> ``float32 [mask_size, mask_size]`` in ``{0, 1}``, aligned with the image.
 
+    The mask is resized as an 8-bit 0/255 image (as the official codes do), brought to ``[0, 1]``
+    by ``/ 255`` and only then thresholded.
+
     Args:
         preprocess: the image preprocessing whose geometry the mask must follow.
         mask_size: side of the output mask (defaults to ``preprocess.crop``).
-        threshold: a resized pixel is anomalous when its interpolated value is ``> threshold``
+        threshold: a resized pixel is anomalous when its value in ``[0, 1]`` is ``> threshold``
             (0.5 as MRAD/AnomalyCLIP; 0.0 reproduces RAD's ``> 0`` after resizing).
     """
 
@@ -132,8 +140,9 @@ class MaskTransform:
         self.threshold = float(threshold)
 
     def __call__(self, mask: np.ndarray) -> Tensor:
-        pil = self.geometry(Image.fromarray(np.asarray(mask, dtype=np.float32)), "bilinear")
-        x = torch.from_numpy(np.array(pil, dtype=np.float32))
+        levels = np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)
+        pil = self.geometry(Image.fromarray(levels), "bilinear")
+        x = torch.from_numpy(np.array(pil, dtype=np.uint8)).float().div_(255.0)
         x = resize_nearest(x, self.mask_size)
         return (x > self.threshold).float()
 

@@ -6,6 +6,13 @@ registers) are split off by timm and only the CLS of the last requested block is
 
 ``layers`` are **0-based block indices** (timm's and RAD's convention): DINOv3 ViT-B/16's
 ``[3, 6, 9, 11]`` are the outputs of the 4th, 7th, 10th and 12th blocks.
+
+DINOv3 RoPE periods: Meta's checkpoint stores the RoPE ``periods`` buffer rounded to bf16 and the
+official code loads it, while timm drops it from the checkpoint and recomputes the periods in fp32,
+which moves every block's tokens by about 1e-3 (relative). With ``rope_periods="checkpoint"`` (the
+default) the encoder uses the values of Meta's file (key ``rope_embed.periods``) when the weights
+file holds them, else timm's fp32 periods rounded to bf16 (what Meta's file holds);
+``rope_periods="fp32"`` keeps timm's fp32 periods.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from torch import Tensor
 
 from anomret.encoders.base import Encoder, Features
@@ -43,6 +52,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
+ROPE_PERIODS = ("checkpoint", "fp32")
+# Meta's DINOv3 state dict key of the RoPE periods (timm's checkpoint filter drops it).
+META_ROPE_PERIODS_KEY = "rope_embed.periods"
+# What ``rope_periods`` resolved to, as recorded in fingerprints.
+PERIODS_FROM_CHECKPOINT = "checkpoint"
+PERIODS_FP32_ROUNDED_BF16 = "fp32_rounded_bf16"
+PERIODS_FP32 = "fp32"
+
 
 class TimmViTEncoder(Encoder):
     """A frozen timm ViT returning patch grids of several blocks and the CLS token.
@@ -64,6 +81,9 @@ class TimmViTEncoder(Encoder):
         seed: seed for random initialisation (also random parts of pretrained builds).
         cache_dir: Hugging Face hub cache to read (and download) tagged weights.
         model_kwargs: extra ``timm.create_model`` arguments (tests build tiny models with them).
+        rope_periods: DINOv3 RoPE periods: ``checkpoint`` (Meta's bf16 values from the weights file,
+            or timm's fp32 periods rounded to bf16 when the file has none) or ``fp32`` (timm's own).
+            Ignored by models without DINOv3 RoPE.
     """
 
     def __init__(
@@ -84,8 +104,11 @@ class TimmViTEncoder(Encoder):
         seed: int = 0,
         cache_dir: str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        rope_periods: str = "checkpoint",
     ) -> None:
         super().__init__()
+        if rope_periods not in ROPE_PERIODS:
+            raise ValueError(f"rope_periods must be one of {ROPE_PERIODS}, got {rope_periods!r}")
         self.name = name or model_name
         self.model_name = model_name
         self._set_input(image_size, resize, mean, std, interpolation)
@@ -94,7 +117,9 @@ class TimmViTEncoder(Encoder):
         self.precision = check_precision(precision)
         self.model_kwargs: dict[str, Any] = plain(dict(model_kwargs or {}))
         self.weights = resolve_weights(pretrained, encoder_name=self.name, seed=seed)
+        self._weights_path: str | None = None
         self.model = self._build(cache_dir)
+        self.rope_periods = self._set_rope_periods(rope_periods)
 
         depth = len(self.model.blocks)
         self.layers = tuple(sorted({int(i) for i in layers}))
@@ -115,12 +140,41 @@ class TimmViTEncoder(Encoder):
             if source.is_random:
                 return timm.create_model(self.model_name, pretrained=False, **kwargs)
             path = source.value if source.kind == "file" else self._fetch_tag(str(source.value), cache_dir)
+            self._weights_path = str(path)
             log.info("encoder %s: loading %s weights from %s", self.name, self.model_name, path)
             # timm's own loader applies the architecture's checkpoint filter (e.g. Meta's DINOv3 key
             # names, position-embedding resampling to img_size) and reads torch files weights_only.
             return timm.create_model(
                 self.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
             )
+
+    def _set_rope_periods(self, choice: str) -> str | None:
+        """Pin the DINOv3 RoPE periods as ``choice`` says; what they are now (``None``: no such RoPE)."""
+        rope = getattr(self.model, "rope", None)
+        if not isinstance(rope, RotaryEmbeddingDinoV3):
+            return None
+        if choice == "fp32":
+            return PERIODS_FP32
+        stored = (
+            None
+            if self._weights_path is None
+            else read_weights_tensor(self._weights_path, META_ROPE_PERIODS_KEY)
+        )
+        if stored is None:
+            # timm's fp32 schedule (built on the CPU, also when the model sits on the meta device).
+            pin_rope_periods(rope, rope._compute_periods().to(torch.bfloat16).float())
+            return PERIODS_FP32_ROUNDED_BF16
+        if stored.shape != rope.periods.shape:
+            raise ValueError(
+                f"encoder {self.name}: {self._weights_path} holds {META_ROPE_PERIODS_KEY} of shape "
+                f"{tuple(stored.shape)} but {self.model_name} needs {tuple(rope.periods.shape)}; the file is "
+                "for another architecture (check encoder.model_name and encoder.model_kwargs)"
+            )
+        log.info(
+            "encoder %s: RoPE periods from %s (%s)", self.name, self._weights_path, META_ROPE_PERIODS_KEY
+        )
+        pin_rope_periods(rope, stored.float())
+        return PERIODS_FROM_CHECKPOINT
 
     def _fetch_tag(self, tag: str, cache_dir: str | None) -> str:
         if "/" in tag:  # an explicit hub repo id
@@ -191,8 +245,57 @@ class TimmViTEncoder(Encoder):
             "neighbor_kernels": list(self.neighbor_kernels) if self.neighbor_kernels else None,
             "precision": self.precision,
             "model_kwargs": self.model_kwargs,
+            "rope_periods": self.rope_periods,
             "preprocess": plain(asdict(self.preprocess)),
         }
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TimmViTEncoder", "WeightsSource"]
+def pin_rope_periods(rope: RotaryEmbeddingDinoV3, periods: Tensor) -> None:
+    """Make a timm DINOv3 RoPE use ``periods`` (fp32 values), now and whenever it rebuilds them.
+
+    timm keeps the periods in a non-persistent buffer that it recomputes in fp32 on initialisation
+    and after a dtype cast of the module; both paths go through ``_compute_periods``, so that is
+    replaced on this instance as well as the buffer being overwritten.
+    """
+    fixed = periods.detach().to(device="cpu", dtype=torch.float32).clone()
+    if fixed.shape != rope.periods.shape:
+        raise ValueError(
+            f"RoPE periods must have shape {tuple(rope.periods.shape)}, got {tuple(fixed.shape)}"
+        )
+
+    def compute_periods(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        return fixed.to(device=device, dtype=dtype)
+
+    rope._compute_periods = compute_periods  # type: ignore[method-assign]
+    rope._init_buffers()  # refills ``periods`` (and the cached embedding of fixed-size models)
+
+
+def read_weights_tensor(path: str | Path, key: str) -> Tensor | None:
+    """One tensor of a weights file (a flat state dict), or ``None`` when the file has no such key.
+
+    safetensors files are read through their header; torch files are memory-mapped (older, non-zip
+    files are read whole), always with ``weights_only=True``.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key) if key in list(handle.keys()) else None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: mmap is unsupported
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    value = state.get(key) if isinstance(state, Mapping) else None
+    return value.detach().clone() if isinstance(value, Tensor) else None
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ROPE_PERIODS",
+    "TimmViTEncoder",
+    "WeightsSource",
+    "pin_rope_periods",
+    "read_weights_tensor",
+]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from anomret.data.datasets import brain, dagm, isic, kolektor, mvtec, polyp, visa
+from anomret.data.datasets import adam3d, brain, dagm, isic, kolektor, mvtec, polyp, realiad, visa
 from anomret.data.datasets.layout import DatasetSpec
 
 # The 16 datasets of the MRAD paper, industrial first, in the order of its tables.
@@ -14,12 +14,16 @@ _ORDER = (
     "mvtec", "visa", "btad", "mpdd", "dtd", "sdd", "ksdd2", "dagm",
     "headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir", "endo",
 )  # fmt: skip
+# The further benchmarks of RAD.
+_RAD_ONLY = ("realiad", "3dadam")
 
 _ALL = {
-    spec.name: spec for module in (mvtec, visa, kolektor, dagm, brain, isic, polyp) for spec in module.SPECS
+    spec.name: spec
+    for module in (mvtec, visa, kolektor, dagm, brain, isic, polyp, realiad, adam3d)
+    for spec in module.SPECS
 }
 
-DATASETS: dict[str, DatasetSpec] = {name: _ALL[name] for name in _ORDER}
+DATASETS: dict[str, DatasetSpec] = {name: _ALL[name] for name in (*_ORDER, *_RAD_ONLY)}
 
 _LOOKUP = {alias.lower(): spec for spec in DATASETS.values() for alias in (spec.name, *spec.aliases)}
 
