@@ -14,7 +14,8 @@ def test_second_run_reads_every_feature_from_the_store_with_identical_results(co
     store = ["+experiment=demo", "features.enabled=true", "features.dtype=fp32"]
     with caplog.at_level(logging.INFO, logger="anomret.pipeline"):
         cold = run(compose_config(store), fit=True)
-        assert "features: 42 image(s) encoded, 0 read from the feature store" in caplog.text
+        # 42 memory images for the bank (built from rounded features: its own cache entry), 42 test images.
+        assert "features: 84 image(s) encoded, 0 read from the feature store" in caplog.text
         caplog.clear()
         warm = run(compose_config(store), fit=True)
         # The bank is cached and every test image is in the store: the encoder never runs.
