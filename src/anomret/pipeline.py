@@ -29,6 +29,7 @@ from anomret.data.folder import image_folder_samples
 from anomret.encoders.base import Encoder
 from anomret.features.store import FeatureStore
 from anomret.files import write_text_atomic
+from anomret.launch import DistributedJob, use_job_command_for_ddp
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
 from anomret.memory.cache import bank_identity, find_bank, plan_bank
@@ -175,6 +176,7 @@ def load_saved_bank(
 
 
 def prepare_run(cfg: DictConfig) -> Path:
+    use_job_command_for_ddp()
     lightning.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +187,11 @@ def prepare_run(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     """Get or build the memory, attach it, fit if the method trains (and ``fit``), test, write results."""
+    with DistributedJob():
+        return _run(cfg, fit=fit)
+
+
+def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     output_dir = prepare_run(cfg)
     settings: MemorySettings = build(cfg.memory)  # cheap checks first
     encoder = build(cfg.encoder)

@@ -31,7 +31,9 @@ def synthetic_rows(n: int = 9, size: int = 16, grid: int = 4, dim: int = 8) -> d
     }
 
 
-def build_bank(rows: dict[str, torch.Tensor], indices: list[int], max_patch_entries: int | None) -> LabeledBankBuilder:
+def build_bank(
+    rows: dict[str, torch.Tensor], indices: list[int], max_patch_entries: int | None
+) -> LabeledBankBuilder:
     builder = LabeledBankBuilder(layer=0, max_patch_entries=max_patch_entries, seed=3)
     for start in range(0, len(indices), 2):  # batches of two rows
         chosen = torch.tensor(indices[start : start + 2])
@@ -75,7 +77,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         bank = builder.build({})
         result = evaluate(rows, share).compute()
         torch.save(
-            {name: getattr(bank, name) for name in ("image_keys", "image_values", "patch_keys", "patch_values")},
+            {
+                name: getattr(bank, name)
+                for name in ("image_keys", "image_values", "patch_keys", "patch_values")
+            },
             Path(out_dir) / f"bank{rank}.pt",
         )
         (Path(out_dir) / f"result{rank}.json").write_text(json.dumps(result.to_dict()))

@@ -39,7 +39,9 @@ def test_bank_and_evaluation_gathered_over_two_gloo_processes_equal_one_process(
         bank = torch.load(tmp_path / f"bank{rank}.pt", weights_only=True)
         for name, tensor in bank.items():
             torch.testing.assert_close(tensor, getattr(single_bank, name), rtol=0, atol=0)
-        assert json.loads((tmp_path / f"result{rank}.json").read_text()) == json.loads(json.dumps(single_result))
+        assert json.loads((tmp_path / f"result{rank}.json").read_text()) == json.loads(
+            json.dumps(single_result)
+        )
 
 
 @pytest.mark.slow
@@ -62,3 +64,28 @@ def test_train_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
     # Batches are split differently across processes, so the encoder may round differently in the last bit.
     for name, tensor in one["bank"].items():
         torch.testing.assert_close(two["bank"][name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_multirun_whose_jobs_use_ddp_runs_each_job_once_in_its_own_directory(tmp_path, data_dir):
+    # As a user types it: no hydra.sweep.dir, from a fresh working directory.
+    out = _cli(
+        "anomret.train",
+        ["-m", "+experiment=demo", "trainer=ddp_cpu", "logger=none", "model.image_score_weight=0.5,1.0"],
+        tmp_path,
+        data_dir,
+    )
+    assert out.stdout.count("Launching") <= 1 and "Launching 2 jobs" in out.stdout + out.stderr
+    (sweep,) = (tmp_path / "logs" / "demo" / "train-multirun").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    weights = []
+    for job in jobs:
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert all(values["n_images"] == 14 for values in results["categories"].values())
+        weights.append(
+            float((sweep / job / "config.yaml").read_text().split("image_score_weight:")[1].split()[0])
+        )
+    assert weights == [0.5, 1.0]
+    # The DDP processes did not start sweeps or single runs of their own.
+    assert sorted(p.name for p in (tmp_path / "logs" / "demo").iterdir()) == ["train-multirun"]

@@ -9,7 +9,9 @@ import pytest
 from anomret.pipeline import run
 
 
-def test_second_run_reads_every_feature_from_the_store_with_identical_results(compose_config, tmp_path, caplog):
+def test_second_run_reads_every_feature_from_the_store_with_identical_results(
+    compose_config, tmp_path, caplog
+):
     plain = run(compose_config(["+experiment=demo"]), fit=True)
     store = ["+experiment=demo", "features.enabled=true", "features.dtype=fp32"]
     with caplog.at_level(logging.INFO, logger="anomret.pipeline"):

@@ -90,7 +90,11 @@ def test_batches_mixing_stored_and_fresh_images_give_the_features_of_a_fresh_pas
     extractor(collate_items([stored[i] for i in (1, 3)]))  # store two of the five
     items = [stored[i] for i in range(5)]
     assert [("features" in item, "image" in item) for item in items] == [
-        (False, True), (True, False), (False, True), (True, False), (False, True)
+        (False, True),
+        (True, False),
+        (False, True),
+        (True, False),
+        (False, True),
     ]
     mixed = extractor(collate_items(items))
     assert extractor.encoded == 2 + 3 and extractor.reused == 2
