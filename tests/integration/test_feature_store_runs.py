@@ -32,3 +32,43 @@ def test_fp16_store_moves_metrics_by_rounding_only(compose_config):
     for category, values in plain.per_category.items():
         for metric, value in values.items():
             assert half.per_category[category][metric] == pytest.approx(value, abs=0.02), (category, metric)
+
+
+@pytest.mark.slow
+def test_two_concurrent_jobs_sharing_the_cache_both_finish_with_the_same_numbers(tmp_path, data_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ANOMRET_DATA_DIR": str(data_dir), "ANOMRET_CACHE_DIR": str(tmp_path / "cache")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    jobs = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        command = [
+            sys.executable,
+            "-m",
+            "anomret.train",
+            "+experiment=demo",
+            "features.enabled=true",
+            "logger=none",
+        ]
+        jobs.append(
+            (
+                workdir,
+                subprocess.Popen(
+                    command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                ),
+            )
+        )
+    results = []
+    for workdir, process in jobs:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output.decode()[-3000:]
+        (path,) = (workdir / "logs").rglob("results.json")
+        results.append(json.loads(path.read_text())["categories"])
+    assert results[0] == results[1]
+    assert not list((tmp_path / "cache").rglob("*.tmp")), "no half-written entry or bank is left"
+    assert len(list((tmp_path / "cache" / "banks").glob("*.safetensors"))) == 1
