@@ -30,14 +30,18 @@ SWEEP = ["model.top_k_ratio=0.005,0.01,0.02", "model.image_score_weight=0.5,0.7"
 
 def timed_train(workdir: Path, data_dir: str, args: list[str]) -> float:
     env = {**os.environ, "ANOMRET_DATA_DIR": data_dir, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "anomret.train", "+experiment=demo", "logger=none", *args],
+    done = subprocess.run(
+        [sys.executable, "-m", "anomret.train", *flags, "+experiment=demo", "logger=none", *overrides],
         cwd=workdir,
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if done.returncode:
+        raise RuntimeError(f"{done.args} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 

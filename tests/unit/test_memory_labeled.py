@@ -41,12 +41,18 @@ def test_averaging_happens_before_normalisation():
 
 def test_builder_counts_subsampling_and_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    builder = LabeledBankBuilder(max_patch_entries=3, seed=7)
+    builder = LabeledBankBuilder(layer=0, max_patch_entries=3, seed=7)
     masks = torch.zeros(4, 8, 8)
     masks[2, 2:6, 2:6] = 1
     masks[3, 0:4, 0:4] = 1
     labels = torch.tensor([0, 0, 1, 1])
-    builder.add(torch.randn(4, 5, generator=gen), torch.randn(4, 4, 4, 6, generator=gen), masks, labels)
+    builder.add_arrays(
+        torch.randn(4, 5, generator=gen),
+        torch.randn(4, 4, 4, 6, generator=gen),
+        masks,
+        labels,
+        torch.arange(4),
+    )
     assert builder.n_images == 4
     bank = builder.build({"source": "unit"})
     assert bank.image_keys.shape == (4, 5)
@@ -61,4 +67,20 @@ def test_builder_counts_subsampling_and_round_trip(tmp_path):
 
 def test_empty_bank_is_an_error():
     with pytest.raises(ValueError, match="no auxiliary images"):
-        LabeledBankBuilder().build()
+        LabeledBankBuilder(layer=0).build()
+
+
+def test_merged_states_keep_each_image_once_in_dataset_order():
+    gen = torch.Generator().manual_seed(1)
+    cls, patches = torch.randn(4, 5, generator=gen), torch.randn(4, 2, 2, 6, generator=gen)
+    masks, labels = torch.zeros(4, 4, 4), torch.zeros(4, dtype=torch.long)
+    single = LabeledBankBuilder(layer=0)
+    single.add_arrays(cls, patches, masks, labels, torch.arange(4))
+    # Two processes with a padded share: rank 1 repeats image 0.
+    rank0, rank1 = LabeledBankBuilder(layer=0), LabeledBankBuilder(layer=0)
+    rank0.add_arrays(cls[[0, 2]], patches[[0, 2]], masks[:2], labels[:2], torch.tensor([0, 2]))
+    rank1.add_arrays(cls[[1, 3, 0]], patches[[1, 3, 0]], masks[:3], labels[:3], torch.tensor([1, 3, 0]))
+    merged = LabeledBankBuilder(layer=0)
+    merged.load_states([rank0.state(), rank1.state()])
+    for name, tensor in single.state().items():
+        torch.testing.assert_close(merged.state()[name], tensor)
