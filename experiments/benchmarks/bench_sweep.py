@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine
 
 SWEEP = ["model.top_k_ratio=0.005,0.01,0.02", "model.image_score_weight=0.5,0.7"]
 
