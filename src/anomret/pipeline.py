@@ -126,23 +126,65 @@ def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
     return {"path": str(path), "kind": bank.kind, "identity": bank_identity(metadata)}
 
 
+def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
+    """The dataset config of the memory (and training) images: ``memory.source`` chooses the aux_dataset
+    (MRAD: another dataset's labelled test split) or the evaluation dataset's own train split (RAD)."""
+    if settings.source == "train":
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+        return {**dataset, "split": "train", "require_masks": False}
+    return cfg.aux_dataset
+
+
+def _memory_pass(
+    settings: MemorySettings,
+    model: RetrievalModule,
+    datamodule: Any,
+    trainer: lightning.Trainer,
+    samples: Any,
+    metadata: dict[str, Any],
+) -> MemoryBank:
+    memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
+    loader = datamodule.memory_dataloader(samples)
+    trainer.predict(memory_pass, dataloaders=loader, return_predictions=False)
+    return memory_pass.builder.build({**metadata, **settings.describe_source(samples)})
+
+
 def get_or_build_bank(
     settings: MemorySettings, model: RetrievalModule, datamodule: Any, trainer: lightning.Trainer
 ) -> tuple[MemoryBank, dict[str, Any]]:
-    """The run's bank: a matching cached (or named) one, else built by a memory pass and saved."""
+    """The run's bank: a matching cached (or named) one, else built by a memory pass and saved.
+
+    With ``memory.append`` (kinds that support it), a named bank holding part of this run's images is
+    extended with the missing ones instead of being refused.
+    """
     store = model.extractor.store
+    samples = settings.select(datamodule.aux_samples)
     plan = plan_bank(
         settings,
         model.encoder,
-        datamodule.aux_samples,
+        samples,
         datamodule.aux_spec.name,
         feature_dtype=None if store is None else store.dtype_name,
     )
-    bank = find_bank(settings, plan)
+    model.check_memory_size(len(samples))  # e.g. K larger than the memory: refused before any compute
+    bank = None
+    if getattr(settings, "append", False) and plan.path.exists() and not settings.rebuild:
+        from anomret.memory.normal import append_images
+
+        def encode(part: Any) -> MemoryBank:
+            return _memory_pass(settings, model, datamodule, trainer, part, plan.metadata)
+
+        appended, added = append_images(settings, plan.path, plan.metadata, samples, encode)
+        if appended is not None:
+            if trainer.is_global_zero:
+                appended.save(plan.path)
+            log.info("appended %d image(s) to memory bank %s: %s", len(added), plan.path, appended.summary())
+            trainer.strategy.barrier()
+            bank = settings.open(plan.path)
     if bank is None:
-        memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
-        trainer.predict(memory_pass, dataloaders=datamodule.aux_dataloader(), return_predictions=False)
-        bank = memory_pass.builder.build(plan.metadata)
+        bank = find_bank(settings, plan)
+    if bank is None:
+        bank = _memory_pass(settings, model, datamodule, trainer, samples, plan.metadata)
         if trainer.is_global_zero:
             bank.save(plan.path)
         log.info("built memory bank %s: %s", plan.path, bank.summary())
@@ -169,7 +211,7 @@ def load_saved_bank(
             f"memory bank {path} is a '{stored_kind}' bank but memory={settings.kind} was composed. Fix: "
             f"evaluate it with the method that built it, or point memory.path at a '{settings.kind}' bank."
         )
-    bank = settings.bank_class().load(path)
+    bank = settings.open(path)
     check_bank(path, encoder.fingerprint(), bank.metadata.get("build", {}))  # raises for another encoder
     log.info("loaded memory bank %s: %s", path, bank.summary())
     return bank, bank_info(Path(path), bank)
@@ -198,7 +240,7 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     store = feature_store(cfg, encoder)
     datamodule = instantiate(cfg.data, _partial_=True)(
         dataset=cfg.dataset,
-        aux_dataset=cfg.aux_dataset if fit else None,
+        aux_dataset=memory_source(cfg, settings) if fit else None,
         preprocess=encoder.preprocess,
         feature_store=store,
     )
