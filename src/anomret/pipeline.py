@@ -380,3 +380,43 @@ def predict(cfg: DictConfig) -> Path:
     Console(width=max(Console().width, 120)).print(table)
     log.info("predictions written to %s", output_dir)
     return output_dir / "predictions.csv"
+
+
+def append_memory(cfg: DictConfig) -> Path:
+    """Extend the bank at ``memory.path`` with the memory-source images it lacks (no test pass).
+
+    Only the missing images are encoded; the extended bank equals one built from all the images at
+    once. A missing file is built whole. Returns the bank's path.
+    """
+    output_dir = prepare_run(cfg)
+    settings: MemorySettings = build(cfg.memory)
+    if not settings.path:
+        raise ConfigError(
+            "anomret.memory.append needs memory.path=/path/to/bank.safetensors (the bank to extend)"
+        )
+    if not hasattr(settings, "append"):
+        raise ConfigError(
+            f"memory={settings.kind} banks cannot be appended to; use a normal-image memory (method=rad)"
+        )
+    settings.append = True
+    encoder = build(cfg.encoder)
+    store = feature_store(cfg, encoder)
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        dataset=cfg.dataset,
+        aux_dataset=memory_source(cfg, settings),
+        preprocess=encoder.preprocess,
+        feature_store=store,
+    )
+    model = build_model(cfg, encoder)
+    model.set_feature_store(store)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    trainer = build_trainer(cfg, [], instantiate_callbacks(cfg.get("callbacks")))
+    bank, info = get_or_build_bank(settings, model, datamodule, trainer)
+    if trainer.is_global_zero:
+        write_text_atomic(
+            output_dir / "artifacts.json",
+            json.dumps({"bank": info["path"], "bank_identity": info["identity"]}, indent=2),
+        )
+    log.info("memory bank %s: %s", info["path"], bank.summary())
+    return Path(info["path"])
