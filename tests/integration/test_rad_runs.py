@@ -98,3 +98,25 @@ def test_appending_a_category_equals_building_with_it(compose_config, tmp_path, 
     assert appended.stat().st_mtime_ns == built
     assert again.per_category == result.per_category
     assert NormalMemoryBank.load(appended).images_per_category() == {"weave": 10, "wood": 10, "pill": 10}
+
+
+@pytest.mark.parametrize(
+    ("experiment", "k", "rho"),
+    [("rad_mvtec", 150, 1), ("rad_visa", 900, 2), ("rad_realiad", 900, 0), ("rad_3dadam", 48, 1)],
+)
+def test_paper_experiments_compose_with_the_official_constants(compose_config, experiment, k, rho):
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert (cfg.retrieval.k, cfg.retrieval.rho, cfg.retrieval.cap_k) == (k, rho, False)
+    assert cfg.encoder.name == "dinov3_vitb16" and list(cfg.encoder.layers) == [3, 6, 9, 11]
+    # Official maps and ground truth: 256 px, 5×5 σ 1 zero-padded blur, masks nearest to 256 and > 0.
+    assert (cfg.model.map_size, cfg.model.map_sigma, cfg.model.map_kernel_size) == (256, 1.0, 5)
+    assert cfg.model.map_padding == "zeros" and cfg.model.top_k_ratio == 0.01
+    assert cfg.data.mask_size == 256 and cfg.data.mask_threshold == 0
+    assert cfg.memory.source == "train" and cfg.memory.dtype == "fp16"
+
+
+def test_rad_with_another_memory_kind_is_refused(compose_config):
+    from anomret.pipeline import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="needs memory kind 'normal'"):
+        validate_config(compose_config(["+experiment=demo_rad", "memory=labeled"]))
