@@ -106,7 +106,9 @@ def paper_shape(work: Path, n_bank: int, k: int, rho: int, images: int, device: 
         q = Features(queries.cls.to(device), {layer: t.to(device) for layer, t in queries.patches.items()})
         start = time.perf_counter()
         neighbors = retrieval.neighbors(q.cls, bank.cls)
-        scores = retrieval.scores(q.patches, bank.patches, neighbors)
+        scores = retrieval.scores(
+            q.patches, {layer: rows.stored() for layer, rows in bank.patches.items()}, neighbors
+        )
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / images

@@ -287,3 +287,19 @@ def test_patch_rows_count_reads():
     rows = PatchRows(torch.zeros(5, 2, 2, 3))
     rows[torch.tensor([0, 4])]
     assert rows.rows_read == 2 and len(rows) == 5
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_scores_from_stored_rows_equal_scores_from_dequantised_rows(tmp_path, dtype):
+    memory, query = random_features(6, seed=11), random_features(2, seed=12)
+    bank = NormalMemoryBank.load(bank_from(memory, dtype).save(tmp_path / "bank.safetensors"))
+    model = rad_model(k=4, rho=1)
+    model.attach_memory(bank, {})
+    stored = model.score(query).patch_scores  # the model reads raw fp16 / int8 rows
+    retrieval = SpatialRetrieval(k=4, rho=1)
+    dequantised = retrieval.scores(query.patches, bank.patches, retrieval.neighbors(query.cls, bank.cls))
+    torch.testing.assert_close(stored, dequantised, atol=1e-6, rtol=0)
+    exact = rad_model(k=4, rho=1)
+    exact.attach_memory(bank_from(memory, "fp32"), {})
+    tolerance = 1e-3 if dtype == "fp16" else 1e-2
+    torch.testing.assert_close(stored, exact.score(query).patch_scores, atol=tolerance, rtol=0)

@@ -111,6 +111,11 @@ class PatchRows:
             rows = rows * self._take(self.scales, index).float().unsqueeze(-1)
         return rows
 
+    def stored(self) -> StoredRows:
+        """The same rows as stored (fp16, fp32 or int8, no scales) for cosine similarity, which ignores
+        each vector's positive scale: no float32 copy is made before the similarity kernel's own."""
+        return StoredRows(self)
+
     def all(self) -> tuple[Tensor, Tensor | None]:
         """Every stored value (and scale) as CPU tensors (saving; small banks only)."""
 
@@ -136,6 +141,21 @@ class _Described:
         if isinstance(array, Tensor):
             return array
         return cls(tuple(array.shape), torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype)
+
+
+class StoredRows:
+    """Row access to a :class:`PatchRows`' stored values (see :meth:`PatchRows.stored`)."""
+
+    def __init__(self, rows: PatchRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        index = torch.as_tensor(index, dtype=torch.int64).cpu().reshape(-1)
+        self.rows.rows_read += int(index.numel())
+        return self.rows._take(self.rows.values, index)
 
 
 def _tensor_spec(layers: list[int], dtype: str) -> dict[str, TensorSpec]:

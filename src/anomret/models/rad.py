@@ -131,7 +131,7 @@ class RAD(RetrievalModule):
         neighbors = self.retriever.neighbors(features.cls, bank.cls)
         patch = self.retriever.scores(
             {layer: features.patches[layer] for layer in layers},
-            {layer: bank.patches[layer] for layer in layers},
+            {layer: bank.patches[layer].stored() for layer in layers},
             neighbors,
             weights=self.layer_weights,
         )
