@@ -10,7 +10,7 @@ opened memory-mapped, and the full RAD score of a test image (global top-K, 4 la
 layer mean) is timed; the largest score difference against fp32 is reported.
 
     cd experiments/benchmarks
-    python bench_rad_memory.py [--n-bank 160] [--k 150] [--rho 1] [--images 2] [--device cpu|cuda]
+    python bench_rad_memory.py [--n-bank 160] [--k 150] [--rho 1] [--images 2] [--repeats 2] [--device cpu|cuda]
         [--skip-synthetic] [--skip-paper-shape] [--json out.json]
 """
 
@@ -66,7 +66,9 @@ def synthetic_runs(work: Path) -> dict[str, dict]:
     return out
 
 
-def paper_shape(work: Path, n_bank: int, k: int, rho: int, images: int, device: str) -> dict[str, dict]:
+def paper_shape(
+    work: Path, n_bank: int, k: int, rho: int, images: int, device: str, repeats: int
+) -> dict[str, dict]:
     from anomret.encoders.base import Features
     from anomret.memory.normal import NormalBankBuilder, NormalMemoryBank
     from anomret.retrieval.spatial import SpatialRetrieval
@@ -104,14 +106,16 @@ def paper_shape(work: Path, n_bank: int, k: int, rho: int, images: int, device: 
         del builder
         bank = NormalMemoryBank.load(path).to(device)
         q = Features(queries.cls.to(device), {layer: t.to(device) for layer, t in queries.patches.items()})
-        start = time.perf_counter()
-        neighbors = retrieval.neighbors(q.cls, bank.cls)
-        scores = retrieval.scores(
-            q.patches, {layer: rows.stored() for layer, rows in bank.patches.items()}, neighbors
-        )
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / images
+        timings = []
+        for _ in range(repeats):  # best of `repeats`: the first run also pays for page faults
+            start = time.perf_counter()
+            neighbors = retrieval.neighbors(q.cls, bank.cls)
+            stored = {layer: rows.stored() for layer, rows in bank.patches.items()}
+            scores = retrieval.scores(q.patches, stored, neighbors)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            timings.append((time.perf_counter() - start) / images)
+        seconds = min(timings)
         scores = scores.cpu()
         if reference is None:
             reference = scores
@@ -119,7 +123,7 @@ def paper_shape(work: Path, n_bank: int, k: int, rho: int, images: int, device: 
             "bank_bytes": path.stat().st_size,
             "bytes_per_image": path.stat().st_size / n_bank,
             "seconds_per_image": seconds,
-            "rows_read_per_layer": bank.patches[layers[0]].rows_read,
+            "rows_read_per_layer_per_run": bank.patches[layers[0]].rows_read // repeats,
             "max_abs_diff_vs_fp32": float((scores - reference).abs().max()),
         }
         path.unlink()
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rho", type=int, default=1)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-paper-shape", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -159,7 +164,7 @@ def main() -> None:
                 ]
                 print(f"| {dtype} | {values['bank_bytes'] / 1024:.0f} | " + " | ".join(cells) + " |")
         if not args.skip_paper_shape:
-            shape = paper_shape(work, args.n_bank, args.k, args.rho, args.images, args.device)
+            shape = paper_shape(work, args.n_bank, args.k, args.rho, args.images, args.device, args.repeats)
             report["paper_shape"] = {"n_bank": args.n_bank, "k": args.k, "rho": args.rho, "results": shape}
             print(
                 f"\npaper shape (4 layers × 28×28×768, N={args.n_bank}, K={args.k}, rho={args.rho}), memory-mapped"
@@ -170,7 +175,7 @@ def main() -> None:
             for dtype, values in shape.items():
                 print(
                     f"| {dtype} | {values['bytes_per_image'] / 2**20:.2f} | {values['seconds_per_image']:.2f} | "
-                    f"{values['rows_read_per_layer']} | {values['max_abs_diff_vs_fp32']:.1e} |"
+                    f"{values['rows_read_per_layer_per_run']} | {values['max_abs_diff_vs_fp32']:.1e} |"
                 )
     print("\n" + report["machine"])
     if args.json:

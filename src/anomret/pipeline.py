@@ -174,13 +174,15 @@ def get_or_build_bank(
         def encode(part: Any) -> MemoryBank:
             return _memory_pass(settings, model, datamodule, trainer, part, plan.metadata)
 
-        appended, added = append_images(settings, plan.path, plan.metadata, samples, encode)
-        if appended is not None:
-            if trainer.is_global_zero:
-                appended.save(plan.path)
-            log.info("appended %d image(s) to memory bank %s: %s", len(added), plan.path, appended.summary())
-            trainer.strategy.barrier()
-            bank = settings.open(plan.path)
+        added = append_images(
+            settings, plan.path, plan.metadata, samples, encode, write=trainer.is_global_zero
+        )
+        if added:
+            trainer.strategy.barrier()  # the other processes open the file once it is whole
+        # The user named this bank and asked to extend it: it is used as it is now (its row order may
+        # differ from a fresh build's when the new images sort before the old ones).
+        bank = settings.open(plan.path)
+        log.info("memory bank %s (append mode): %s", plan.path, bank.summary())
     if bank is None:
         bank = find_bank(settings, plan)
     if bank is None:

@@ -303,3 +303,26 @@ def test_scores_from_stored_rows_equal_scores_from_dequantised_rows(tmp_path, dt
     exact.attach_memory(bank_from(memory, "fp32"), {})
     tolerance = 1e-3 if dtype == "fp16" else 1e-2
     torch.testing.assert_close(stored, exact.score(query).patch_scores, atol=tolerance, rtol=0)
+
+
+def test_streamed_bank_file_equals_the_one_save_writes(tmp_path):
+    from safetensors.torch import load_file
+
+    from anomret.memory.normal import write_concatenated
+    from anomret.memory.store import read_bank_metadata
+
+    features = random_features(7, seed=13)
+    whole = bank_from(features, "int8", categories=["a", "a", "b", "b", "b", "c", "c"])
+    first_features = Features(features.cls[:3], {k: v[:3] for k, v in features.patches.items()})
+    rest = Features(features.cls[3:], {k: v[3:] for k, v in features.patches.items()})
+    first = bank_from(first_features, "int8", categories=["a", "a", "b"])
+    second = bank_from(rest, "int8", categories=["b", "b", "c", "c"])
+    path = first.save(tmp_path / "bank.safetensors")
+    # Rewritten in place from its own memory map, plus the new rows.
+    write_concatenated(path, NormalMemoryBank.load(path), second, {"build": whole.metadata["build"]})
+    saved = whole.save(tmp_path / "whole.safetensors")
+    streamed, expected = load_file(str(path)), load_file(str(saved))
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[name], expected[name]) for name in expected)
+    assert read_bank_metadata(path)["categories"] == ["a", "b", "c"]
+    assert NormalMemoryBank.load(path).images_per_category() == {"a": 2, "b": 3, "c": 2}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +38,7 @@ from anomret.encoders.base import Encoder, Features
 from anomret.memory.base import MemorySettings, positive_or_none
 from anomret.memory.store import (
     BankError,
+    StreamedTensor,
     TensorSpec,
     check_bank,
     fingerprint_of_rows,
@@ -46,6 +47,7 @@ from anomret.memory.store import (
     read_bank_metadata,
     sample_rows,
     save_bank,
+    save_bank_streaming,
     validate_tensors,
 )
 
@@ -362,10 +364,23 @@ class NormalBankBuilder:
         return NormalMemoryBank(state["cls"], category, patches, metadata)
 
 
-def concatenate(
-    first: NormalMemoryBank, second: NormalMemoryBank, metadata: dict[str, Any]
-) -> NormalMemoryBank:
-    """Rows of ``first`` then ``second`` (same layers and dtype), categories renumbered by first appearance."""
+def _row_pieces(array: Tensor | np.ndarray | None, chunk: int = 64) -> Iterator[Tensor]:
+    """A stored array's rows in slices, read from disk slice by slice when memory-mapped."""
+    if array is None:
+        return
+    for start in range(0, int(array.shape[0]), chunk):
+        piece = array[start : start + chunk]
+        yield piece if isinstance(piece, Tensor) else torch.from_numpy(np.array(piece))
+
+
+def write_concatenated(
+    path: str | Path, first: NormalMemoryBank, second: NormalMemoryBank, metadata: dict[str, Any]
+) -> Path:
+    """Write the rows of ``first`` then ``second`` (same layers and dtype) as one bank, streaming.
+
+    ``first`` is typically the memory-mapped bank at ``path`` itself: its rows are copied slice by slice
+    into a temporary file that then replaces it, so extending a bank never loads it whole.
+    """
     if first.layers != second.layers or first.storage_dtype != second.storage_dtype:
         raise BankError(
             f"cannot append a bank of layers {second.layers} ({second.storage_dtype}) to one of layers "
@@ -375,17 +390,31 @@ def concatenate(
     names += [second.categories[i] for i in second.category.tolist()]
     categories = list(dict.fromkeys(names))
     lookup = {name: i for i, name in enumerate(categories)}
-    patches = {}
+    n = len(names)
+    cls = torch.cat([first.cls.cpu(), second.cls.cpu()])
+    category = torch.tensor([lookup[name] for name in names], dtype=torch.long)
+    tensors = {
+        "cls": StreamedTensor(torch.float32, tuple(cls.shape), lambda: [cls]),
+        "category": StreamedTensor(torch.int64, (n,), lambda: [category]),
+    }
+
+    def pieces(layer: int, scales: bool) -> Callable[[], Iterator[Tensor]]:
+        def generate() -> Iterator[Tensor]:
+            for bank in (first, second):
+                rows = bank.patches[layer]
+                yield from _row_pieces(rows.scales if scales else rows.values)
+
+        return generate
+
     for layer in first.layers:
-        values_a, scales_a = first.patches[layer].all()
-        values_b, scales_b = second.patches[layer].all()
-        scales = None if scales_a is None or scales_b is None else torch.cat([scales_a, scales_b])
-        patches[layer] = PatchRows(torch.cat([values_a, values_b]), scales)
-    return NormalMemoryBank(
-        torch.cat([first.cls.cpu(), second.cls.cpu()]),
-        torch.tensor([lookup[name] for name in names], dtype=torch.long),
-        patches,
-        {**metadata, "categories": categories},
+        rows = first.patches[layer]
+        tensors[f"patches.{layer}"] = StreamedTensor(rows.dtype, (n, *rows.shape[1:]), pieces(layer, False))
+        if rows.scales is not None:
+            tensors[f"scales.{layer}"] = StreamedTensor(
+                torch.float32, (n, *rows.shape[1:3]), pieces(layer, True)
+            )
+    return save_bank_streaming(
+        path, tensors, {"kind": NormalMemoryBank.kind, **metadata, "categories": categories}
     )
 
 
@@ -526,12 +555,15 @@ def append_images(
     metadata: dict[str, Any],
     samples: SampleTable,
     encode: Callable[[SampleTable], NormalMemoryBank],
-) -> tuple[NormalMemoryBank | None, SampleTable]:
-    """Extend the bank at ``path`` with the images of ``samples`` it lacks.
+    *,
+    write: bool = True,
+) -> SampleTable:
+    """Extend the bank at ``path`` with the images of ``samples`` it lacks; returns the images added.
 
-    ``metadata`` is what this run would build (kind, source, encoder, build settings with the data
-    fingerprint of ``samples``); ``encode`` runs the memory pass over some samples. Returns the extended
-    bank (not yet saved; ``None`` when nothing was missing) and the samples that were encoded.
+    ``metadata`` is what this run would build (kind, source, encoder, build settings); ``encode`` runs
+    the memory pass over some samples (every process of a DDP run calls this; only the one with
+    ``write`` rewrites the file). The extended bank keeps the old rows, then the new ones, and records
+    the data fingerprint of all its images, so it equals a bank built from them in that order.
     Raises :class:`BankError` for a bank of another encoder, kind or settings, or whose images changed.
     """
     stored = read_bank_metadata(path)
@@ -540,14 +572,13 @@ def append_images(
             f"cannot append to {path}: it is a '{stored.get('kind')}' bank, not a normal-image bank"
         )
     check_bank(path, metadata["encoder"], stored.get("build", {}))  # raises for another encoder
-    ignore = {"data", "features"}
-    ours = {k: v for k, v in metadata["build"].items() if k not in ignore}
-    theirs = {k: v for k, v in stored.get("build", {}).items() if k not in ignore}
-    if ours != theirs or metadata["build"].get("features") != stored.get("build", {}).get("features"):
+    ours = {k: v for k, v in metadata["build"].items() if k != "data"}
+    theirs = {k: v for k, v in stored.get("build", {}).items() if k != "data"}
+    if ours != theirs:
         changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise BankError(
-            f"cannot append to {path}: it was built with other settings ({', '.join(changed) or 'features'}). "
-            "Fix: use the settings it was built with, or build a new bank (another memory.path)."
+            f"cannot append to {path}: it was built with other {', '.join(changed)}. Fix: use the settings it "
+            "was built with, or build a new bank (another memory.path)."
         )
     old_rows = stored.get("images") or []
     by_path = {row[0]: row for row in old_rows}
@@ -560,11 +591,12 @@ def append_images(
         )
     missing = SampleTable([s for s, row in zip(samples, rows, strict=True) if row[0] not in by_path])
     if not missing:
-        return None, missing
+        return missing
     log.info("appending %d image(s) of %s to memory bank %s", len(missing), missing.categories, path)
-    old = NormalMemoryBank.load(path, mmap=True)
     part = encode(missing)
-    all_rows = old_rows + sample_rows(missing)
-    build = {**metadata["build"], "data": fingerprint_of_rows(all_rows)}
-    merged = concatenate(old, part, {**metadata, "build": build, "images": all_rows})
-    return merged, missing
+    if write:
+        all_rows = old_rows + sample_rows(missing)
+        build = {**metadata["build"], "data": fingerprint_of_rows(all_rows)}
+        old = NormalMemoryBank.load(path, mmap=True)
+        write_concatenated(path, old, part, {**metadata, "build": build, "images": all_rows})
+    return missing
