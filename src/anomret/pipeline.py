@@ -414,11 +414,10 @@ def append_memory(cfg: DictConfig) -> Path:
     datamodule.prepare_data()
     datamodule.setup("fit")
     trainer = build_trainer(cfg, [], instantiate_callbacks(cfg.get("callbacks")))
-    bank, info = get_or_build_bank(settings, model, datamodule, trainer)
+    _, info = get_or_build_bank(settings, model, datamodule, trainer)
     if trainer.is_global_zero:
         write_text_atomic(
             output_dir / "artifacts.json",
             json.dumps({"bank": info["path"], "bank_identity": info["identity"]}, indent=2),
         )
-    log.info("memory bank %s: %s", info["path"], bank.summary())
     return Path(info["path"])

@@ -120,3 +120,21 @@ def test_rad_with_another_memory_kind_is_refused(compose_config):
 
     with pytest.raises(ConfigError, match="needs memory kind 'normal'"):
         validate_config(compose_config(["+experiment=demo_rad", "memory=labeled"]))
+
+
+@pytest.mark.slow
+def test_rad_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
+    results = {}
+    for name, extra in (("single", []), ("ddp", ["trainer=ddp_cpu"])):
+        run_dir = tmp_path / name
+        _cli("anomret.train", ["+experiment=demo_rad", "logger=none", f"hydra.run.dir={run_dir}", *extra], tmp_path, data_dir)
+        results[name] = json.loads((run_dir / "results.json").read_text())
+        results[name]["bank"] = load_file(json.loads((run_dir / "artifacts.json").read_text())["bank"])
+    one, two = results["single"], results["ddp"]
+    for category, values in one["categories"].items():
+        assert two["categories"][category]["n_images"] == values["n_images"] == 14
+        for metric in one["metrics"]:
+            assert two["categories"][category][metric] == pytest.approx(values[metric], abs=1e-6)
+    assert one["bank"].keys() == two["bank"].keys()
+    for name, tensor in one["bank"].items():  # each image once, in dataset order
+        torch.testing.assert_close(two["bank"][name], tensor, rtol=0, atol=1e-3)
