@@ -127,7 +127,12 @@ def test_rad_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
     results = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp_cpu"])):
         run_dir = tmp_path / name
-        _cli("anomret.train", ["+experiment=demo_rad", "logger=none", f"hydra.run.dir={run_dir}", *extra], tmp_path, data_dir)
+        _cli(
+            "anomret.train",
+            ["+experiment=demo_rad", "logger=none", f"hydra.run.dir={run_dir}", *extra],
+            tmp_path,
+            data_dir,
+        )
         results[name] = json.loads((run_dir / "results.json").read_text())
         results[name]["bank"] = load_file(json.loads((run_dir / "artifacts.json").read_text())["bank"])
     one, two = results["single"], results["ddp"]
