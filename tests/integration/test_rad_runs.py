@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from anomret.memory.normal import NormalMemoryBank
-from anomret.memory.store import read_bank_metadata
+from anomret.memory.store import BankError, read_bank_metadata
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.pipeline import append_memory, run
 
@@ -47,6 +47,13 @@ def test_eval_with_the_saved_bank_reproduces_the_run_and_k_is_checked_first(comp
     evaluated = run(compose_config(["+experiment=demo_rad", f"memory.path={bank}"], "eval"), fit=False)
     assert evaluated.per_category == trained.per_category
     assert evaluated.settings["retrieval"]["k_used"] == 8
+    # A bank of another encoder is refused, by eval and by a run that names it.
+    for entry in ("eval", "config"):
+        with pytest.raises(BankError, match="another encoder"):
+            run(
+                compose_config(["+experiment=demo_rad", f"memory.path={bank}", "encoder.seed=1"], entry),
+                fit=entry == "config",
+            )
 
     # K larger than the memory: refused before the memory pass, naming both numbers.
     with pytest.raises(ValueError, match=r"retrieval\.k=31 is larger than the memory \(30 images\)"):
