@@ -343,6 +343,7 @@ class NormalBankBuilder:
         if not self._parts.get("cls"):
             raise ValueError("no memory images were added: the memory would be empty")
         state = self.state()
+        self._parts = {}  # the bank now owns the rows: do not hold them twice
         metadata = dict(metadata or {})
         images = metadata.get("images")
         index = state["index"]
