@@ -46,7 +46,6 @@ from anomret.memory.store import (
     open_memmap,
     read_bank_metadata,
     sample_rows,
-    save_bank,
     save_bank_streaming,
     validate_tensors,
 )
@@ -243,17 +242,22 @@ class NormalMemoryBank:
         # Only the small global keys move; patch rows are read per query and cast on the query's device.
         return NormalMemoryBank(self.cls.to(device), self.category.to(device), self.patches, self.metadata)
 
-    def tensors(self) -> dict[str, Tensor]:
-        tensors = {"cls": self.cls.cpu(), "category": self.category.cpu()}
-        for layer, rows in self.patches.items():
-            values, scales = rows.all()
-            tensors[f"patches.{layer}"] = values.cpu()
-            if scales is not None:
-                tensors[f"scales.{layer}"] = scales.cpu()
-        return tensors
-
     def save(self, path: str | Path) -> Path:
-        return save_bank(path, self.tensors(), {"kind": self.kind, **self.metadata})
+        """Write the bank, slice by slice (no second copy of the rows in memory)."""
+        small = {"cls": self.cls.cpu().float(), "category": self.category.cpu().long()}
+        tensors = {
+            name: StreamedTensor(tensor.dtype, tuple(tensor.shape), lambda tensor=tensor: [tensor])
+            for name, tensor in small.items()
+        }
+        for layer, rows in self.patches.items():
+            tensors[f"patches.{layer}"] = StreamedTensor(
+                rows.dtype, rows.shape, lambda rows=rows: _row_pieces(rows.values)
+            )
+            if rows.scales is not None:
+                tensors[f"scales.{layer}"] = StreamedTensor(
+                    torch.float32, rows.shape[:3], lambda rows=rows: _row_pieces(rows.scales)
+                )
+        return save_bank_streaming(path, tensors, {"kind": self.kind, **self.metadata})
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> NormalMemoryBank:
@@ -320,23 +324,34 @@ class NormalBankBuilder:
         self._parts.setdefault(name, []).append(tensor)
 
     def state(self) -> dict[str, Tensor]:
-        return {name: torch.cat(parts) for name, parts in self._parts.items()}
+        # Concatenated one tensor at a time, and the parts replaced by the result, so the rows are held
+        # once (plus one layer while it is concatenated), not twice.
+        out = {}
+        for name, parts in self._parts.items():
+            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts[:] = [out[name]]
+        return out
 
     def load_states(self, states: list[dict[str, Tensor]]) -> None:
         """Merge several processes' states in dataset order; an image a padded sampler repeats is kept once."""
-        seen = torch.zeros(0, dtype=torch.long)
-        kept: list[dict[str, Tensor]] = []
-        for state in (state for state in states if state):
-            fresh = ~torch.isin(state["index"], seen)
-            # Within one state an index appears once (a process sees an image at most once).
-            seen = torch.cat([seen, state["index"]])
-            kept.append({name: tensor[fresh] for name, tensor in state.items()})
+        states = [state for state in states if state]
         self._parts = {}
-        if not kept:
+        if not states:
             return
-        merged = {name: torch.cat([state[name] for state in kept]) for name in kept[0]}
-        order = torch.sort(merged["index"]).indices
-        self._parts = {name: [tensor[order]] for name, tensor in merged.items()}
+        if len(states) == 1 and bool((states[0]["index"].diff() > 0).all()):
+            self._parts = {name: [tensor] for name, tensor in states[0].items()}  # one process: no copy
+            return
+        seen = torch.zeros(0, dtype=torch.long)
+        fresh = []
+        for state in states:
+            # Within one state an index appears once (a process sees an image at most once).
+            fresh.append(~torch.isin(state["index"], seen))
+            seen = torch.cat([seen, state["index"]])
+        index = torch.cat([state["index"][keep] for state, keep in zip(states, fresh, strict=True)])
+        order = torch.sort(index).indices
+        for name in states[0]:  # one tensor at a time: the transient copies stay one layer large
+            merged = torch.cat([state[name][keep] for state, keep in zip(states, fresh, strict=True)])
+            self._parts[name] = [merged[order]]
 
     def build(self, metadata: dict[str, Any] | None = None) -> NormalMemoryBank:
         """The bank; ``metadata["images"]`` (one row per dataset index) names each row's image."""
