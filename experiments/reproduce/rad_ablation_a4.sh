@@ -9,9 +9,9 @@
 set -euo pipefail
 OUT=${1:-logs/reproduce/rad_ablation_a4}
 shift || true
-SINGLE_LAYER=${SINGLE_LAYER:-"encoder.layers=[11]"}
-NO_GLOBAL=${NO_GLOBAL:-"retrieval.top_k=null"}
-NO_SPATIAL=${NO_SPATIAL:-"retrieval.radius=null"}
+SINGLE_LAYER=${SINGLE_LAYER:-"model.layers=[11]"}
+NO_GLOBAL=${NO_GLOBAL:-"retrieval.k=null"}
+NO_SPATIAL=${NO_SPATIAL:-"retrieval.rho=null"}
 
 run() {  # run NAME OVERRIDES...
   local name=$1

@@ -126,23 +126,67 @@ def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
     return {"path": str(path), "kind": bank.kind, "identity": bank_identity(metadata)}
 
 
+def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
+    """The dataset config of the memory (and training) images: ``memory.source`` chooses the aux_dataset
+    (MRAD: another dataset's labelled test split) or the evaluation dataset's own train split (RAD)."""
+    if settings.source == "train":
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+        return {**dataset, "split": "train", "require_masks": False}
+    return cfg.aux_dataset
+
+
+def _memory_pass(
+    settings: MemorySettings,
+    model: RetrievalModule,
+    datamodule: Any,
+    trainer: lightning.Trainer,
+    samples: Any,
+    metadata: dict[str, Any],
+) -> MemoryBank:
+    memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
+    loader = datamodule.memory_dataloader(samples)
+    trainer.predict(memory_pass, dataloaders=loader, return_predictions=False)
+    return memory_pass.builder.build({**metadata, **settings.describe_source(samples)})
+
+
 def get_or_build_bank(
     settings: MemorySettings, model: RetrievalModule, datamodule: Any, trainer: lightning.Trainer
 ) -> tuple[MemoryBank, dict[str, Any]]:
-    """The run's bank: a matching cached (or named) one, else built by a memory pass and saved."""
+    """The run's bank: a matching cached (or named) one, else built by a memory pass and saved.
+
+    With ``memory.append`` (kinds that support it), a named bank holding part of this run's images is
+    extended with the missing ones instead of being refused.
+    """
     store = model.extractor.store
+    samples = settings.select(datamodule.aux_samples)
     plan = plan_bank(
         settings,
         model.encoder,
-        datamodule.aux_samples,
+        samples,
         datamodule.aux_spec.name,
         feature_dtype=None if store is None else store.dtype_name,
     )
-    bank = find_bank(settings, plan)
+    model.check_memory_size(len(samples))  # e.g. K larger than the memory: refused before any compute
+    bank = None
+    if getattr(settings, "append", False) and plan.path.exists() and not settings.rebuild:
+        from anomret.memory.normal import append_images
+
+        def encode(part: Any) -> MemoryBank:
+            return _memory_pass(settings, model, datamodule, trainer, part, plan.metadata)
+
+        added = append_images(
+            settings, plan.path, plan.metadata, samples, encode, write=trainer.is_global_zero
+        )
+        if added:
+            trainer.strategy.barrier()  # the other processes open the file once it is whole
+        # The user named this bank and asked to extend it: it is used as it is now (its row order may
+        # differ from a fresh build's when the new images sort before the old ones).
+        bank = settings.open(plan.path)
+        log.info("memory bank %s (append mode): %s", plan.path, bank.summary())
     if bank is None:
-        memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
-        trainer.predict(memory_pass, dataloaders=datamodule.aux_dataloader(), return_predictions=False)
-        bank = memory_pass.builder.build(plan.metadata)
+        bank = find_bank(settings, plan)
+    if bank is None:
+        bank = _memory_pass(settings, model, datamodule, trainer, samples, plan.metadata)
         if trainer.is_global_zero:
             bank.save(plan.path)
         log.info("built memory bank %s: %s", plan.path, bank.summary())
@@ -169,7 +213,7 @@ def load_saved_bank(
             f"memory bank {path} is a '{stored_kind}' bank but memory={settings.kind} was composed. Fix: "
             f"evaluate it with the method that built it, or point memory.path at a '{settings.kind}' bank."
         )
-    bank = settings.bank_class().load(path)
+    bank = settings.open(path)
     check_bank(path, encoder.fingerprint(), bank.metadata.get("build", {}))  # raises for another encoder
     log.info("loaded memory bank %s: %s", path, bank.summary())
     return bank, bank_info(Path(path), bank)
@@ -198,7 +242,7 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     store = feature_store(cfg, encoder)
     datamodule = instantiate(cfg.data, _partial_=True)(
         dataset=cfg.dataset,
-        aux_dataset=cfg.aux_dataset if fit else None,
+        aux_dataset=memory_source(cfg, settings) if fit else None,
         preprocess=encoder.preprocess,
         feature_store=store,
     )
@@ -338,3 +382,42 @@ def predict(cfg: DictConfig) -> Path:
     Console(width=max(Console().width, 120)).print(table)
     log.info("predictions written to %s", output_dir)
     return output_dir / "predictions.csv"
+
+
+def append_memory(cfg: DictConfig) -> Path:
+    """Extend the bank at ``memory.path`` with the memory-source images it lacks (no test pass).
+
+    Only the missing images are encoded; the extended bank equals one built from all the images at
+    once. A missing file is built whole. Returns the bank's path.
+    """
+    output_dir = prepare_run(cfg)
+    settings: MemorySettings = build(cfg.memory)
+    if not settings.path:
+        raise ConfigError(
+            "anomret.memory.append needs memory.path=/path/to/bank.safetensors (the bank to extend)"
+        )
+    if not hasattr(settings, "append"):
+        raise ConfigError(
+            f"memory={settings.kind} banks cannot be appended to; use a normal-image memory (method=rad)"
+        )
+    settings.append = True
+    encoder = build(cfg.encoder)
+    store = feature_store(cfg, encoder)
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        dataset=cfg.dataset,
+        aux_dataset=memory_source(cfg, settings),
+        preprocess=encoder.preprocess,
+        feature_store=store,
+    )
+    model = build_model(cfg, encoder)
+    model.set_feature_store(store)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    trainer = build_trainer(cfg, [], instantiate_callbacks(cfg.get("callbacks")))
+    _, info = get_or_build_bank(settings, model, datamodule, trainer)
+    if trainer.is_global_zero:
+        write_text_atomic(
+            output_dir / "artifacts.json",
+            json.dumps({"bank": info["path"], "bank_identity": info["identity"]}, indent=2),
+        )
+    return Path(info["path"])

@@ -155,6 +155,10 @@ class AnomalyDataModule(LightningDataModule):
             self.setup("fit")
         return self._loader(self.aux_samples, self.batch_size, shuffle=False)
 
+    def memory_dataloader(self, samples: SampleTable) -> DataLoader:
+        """Some images of the memory source (a few-shot draw, the images a bank lacks), in order."""
+        return self._loader(samples, self.batch_size, shuffle=False)
+
     def train_dataloader(self) -> DataLoader:
         if self.aux_samples is None:
             self.setup("fit")

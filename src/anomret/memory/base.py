@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
 
 
@@ -65,12 +66,15 @@ class MemorySettings:
             silently replaced: a file built from other data or settings is refused unless ``rebuild``.
         cache_dir: where banks go when ``path`` is unset, one file per kind, source, encoder and settings.
         rebuild: build again even when a matching bank exists (and replace an explicit ``path``).
+        source: where the memory images come from: ``aux`` (the ``aux_dataset`` as configured, MRAD) or
+            ``train`` (the evaluation dataset's own train split, RAD).
     """
 
     kind: ClassVar[str] = ""
     path: str | None = None
     cache_dir: str = ".cache/banks"
     rebuild: bool = False
+    source: str = "aux"
 
     def build_settings(self, encoder: Encoder) -> dict[str, Any]:
         """The settings that change a bank's content (recorded in its metadata and cache key)."""
@@ -81,6 +85,18 @@ class MemorySettings:
 
     def bank_class(self) -> type:
         raise NotImplementedError
+
+    def open(self, path: str | Path) -> MemoryBank:
+        """Load a saved bank of this kind (memory-mapped where the kind supports it)."""
+        return self.bank_class().load(path)
+
+    def select(self, samples: SampleTable) -> SampleTable:
+        """The images of the memory source the bank is built from (all by default; few-shot draws)."""
+        return samples
+
+    def describe_source(self, samples: SampleTable) -> dict[str, Any]:
+        """Extra metadata recorded with a bank built from ``samples`` (e.g. which image each row is)."""
+        return {}
 
 
 def positive_or_none(value: int | None, name: str) -> int | None:

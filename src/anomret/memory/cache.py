@@ -85,7 +85,7 @@ def find_bank(settings: MemorySettings, plan: BankPlan) -> MemoryBank | None:
             )
     check = check_bank(path, plan.metadata["encoder"], plan.metadata["build"])  # raises for another encoder
     if check.status is BankStatus.MATCH and not settings.rebuild:
-        bank = settings.bank_class().load(path)
+        bank = settings.open(path)
         log.info("reusing memory bank %s: %s", path, bank.summary())
         return bank
     if check.status is BankStatus.STALE:

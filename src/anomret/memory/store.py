@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -49,9 +49,18 @@ def data_fingerprint(samples: Iterable[Sample], root: str | Path | None = None) 
     File size and modification time stand in for content hashes, which would mean reading every
     image twice; a regenerated or edited dataset therefore triggers a rebuild.
     """
+    return fingerprint_of_rows(sample_rows(samples, root))
+
+
+def sample_rows(samples: Iterable[Sample], root: str | Path | None = None) -> list[list[Any]]:
+    """One JSON-able identity row per image (path, category, label, file sizes and times), in order.
+
+    Banks that record which image each of their rows comes from store these rows, so a bank extended
+    image by image has the same fingerprint as one built from all its images at once.
+    """
     rows = []
     for sample in samples:
-        row = [_relative(sample.image_path, root), sample.category, sample.label]
+        row: list[Any] = [_relative(sample.image_path, root), sample.category, sample.label]
         for path in (sample.image_path, sample.mask_path):
             if path is None:
                 row.append(None)
@@ -59,6 +68,11 @@ def data_fingerprint(samples: Iterable[Sample], root: str | Path | None = None) 
             stat = Path(path).stat()
             row.append([_relative(path, root), stat.st_size, stat.st_mtime_ns])
         rows.append(row)
+    return rows
+
+
+def fingerprint_of_rows(rows: list[list[Any]]) -> dict[str, Any]:
+    """The data fingerprint of :func:`sample_rows` (JSON round trips keep it unchanged)."""
     return {"n_samples": len(rows), "digest": digest(rows)}
 
 
@@ -80,6 +94,71 @@ def save_bank(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, 
         save_file(
             {name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=header
         )
+    return path
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int64: "I64",
+}
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor written piece by piece: its dtype, full shape and the pieces along axis 0, in order."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: Callable[[], Iterable[Tensor]]
+
+
+def save_bank_streaming(
+    path: str | Path, tensors: Mapping[str, StreamedTensor], metadata: dict[str, Any]
+) -> Path:
+    """Atomically write a bank as :func:`save_bank` does, without holding its tensors in memory.
+
+    The file is an ordinary safetensors file (the same header and metadata); each tensor's pieces are
+    written as they come, so a bank larger than RAM can be rewritten (e.g. extended) from a memory map.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
+    header: dict[str, Any] = {
+        "__metadata__": {
+            METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **metadata}, default=str)
+        }
+    }
+    offset = 0
+    for name, tensor in tensors.items():
+        size = int(np.prod(tensor.shape, dtype=np.int64)) * torch.empty(0, dtype=tensor.dtype).element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, tensor in tensors.items():
+            written, rows = 0, 0
+            for piece in tensor.pieces():
+                if piece.dtype != tensor.dtype or tuple(piece.shape[1:]) != tuple(tensor.shape[1:]):
+                    raise ValueError(
+                        f"{name}: piece {piece.dtype} {tuple(piece.shape)} does not fit {tensor}"
+                    )
+                data = piece.detach().cpu().contiguous().numpy().tobytes()
+                handle.write(data)
+                written += len(data)
+                rows += piece.shape[0]
+            start, end = header[name]["data_offsets"]
+            if written != end - start or rows != tensor.shape[0]:
+                raise ValueError(f"{name}: pieces hold {rows} rows, the tensor has {tensor.shape[0]}")
     return path
 
 

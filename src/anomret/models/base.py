@@ -126,6 +126,9 @@ class RetrievalModule(LightningModule):
         self.bank_info = info
         self.on_memory_attached()
 
+    def check_memory_size(self, n_images: int) -> None:
+        """Refuse, before the memory pass, a memory of ``n_images`` the method cannot use."""
+
     def on_memory_attached(self) -> None:
         """Hook for methods that derive state from the bank (e.g. cached key projections)."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, overload
 
 import torch
@@ -371,3 +372,79 @@ def multilayer_spatial_knn_scores(
         fused = scores if fused is None else fused.add_(scores)
     assert fused is not None
     return fused
+
+
+@dataclass
+class SpatialRetrieval:
+    """Configured RAD retrieval (``retrieval=spatial``): global top-K images, then windowed patch 1-NN.
+
+    Args:
+        k: images retrieved per test image (RAD: 150 MVTec, 900 VisA / Real-IAD, 48 3D-ADAM);
+            ``None`` retrieves every memory image (the "no global retrieval" ablation).
+        rho: L∞ window radius (RAD: 1, 2 VisA, 0 Real-IAD); ``None`` searches the whole grid of each
+            neighbour (the "no spatial conditioning" ablation).
+        cap_k: use ``min(k, memory size)`` when the memory is smaller than ``k`` (few-shot) instead of
+            refusing the run; the K used is recorded in the results.
+        neighbor_chunk / query_chunk / tile: working-memory and speed knobs of :func:`spatial_knn_scores`.
+    """
+
+    k: int | None = 150
+    rho: int | None = 1
+    cap_k: bool = False
+    neighbor_chunk: int = 32
+    query_chunk: int = 1
+    tile: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("k", "neighbor_chunk", "query_chunk", "tile"):
+            value = getattr(self, name)
+            if value is None and name == "k":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"retrieval.{name} must be a positive integer, got {value!r}")
+        if self.rho is not None and (
+            isinstance(self.rho, bool) or not isinstance(self.rho, int) or self.rho < 0
+        ):
+            raise ValueError(f"retrieval.rho must be a non-negative integer or null, got {self.rho!r}")
+
+    def k_for(self, n_bank: int) -> int:
+        """The K used with a memory of ``n_bank`` images; a clear error when it cannot be met."""
+        if self.k is None:
+            return n_bank
+        if self.k > n_bank:
+            if self.cap_k:
+                return n_bank
+            raise ValueError(
+                f"retrieval.k={self.k} is larger than the memory ({n_bank} images). Fix: lower retrieval.k to "
+                f"at most {n_bank}, add images to the memory, or set retrieval.cap_k=true to use all {n_bank}."
+            )
+        return self.k
+
+    def neighbors(self, query_cls: Tensor, bank_cls: Tensor) -> Tensor:
+        """``[B, K]`` indices of each query's K most similar memory images (all of them when ``k`` is null)."""
+        n_bank = bank_cls.shape[0]
+        k = self.k_for(n_bank)
+        if self.k is None:
+            return torch.arange(n_bank, device=query_cls.device).expand(query_cls.shape[0], -1)
+        return global_topk(query_cls, bank_cls, k)
+
+    def scores(
+        self,
+        queries: Mapping[Any, Tensor],
+        banks: Mapping[Any, PatchBank],
+        neighbors: Tensor,
+        weights: Mapping[Any, float] | Sequence[float] | None = None,
+    ) -> Tensor:
+        """Fused patch scores ``[B, h, w]`` of the layers in ``queries`` (Eq. 8-10)."""
+        h, w = next(iter(queries.values())).shape[1:3]
+        rho = max(h, w) if self.rho is None else self.rho
+        return multilayer_spatial_knn_scores(
+            queries,
+            banks,
+            neighbors,
+            rho,
+            weights=weights,
+            neighbor_chunk=self.neighbor_chunk,
+            query_chunk=self.query_chunk,
+            tile=self.tile,
+        )

@@ -1,0 +1,24 @@
+"""``python -m anomret.memory.append +experiment=NAME memory.path=BANK dataset.categories=[...]``.
+
+Adds the normal images of new categories (every memory-source image the bank lacks) to an existing RAD
+bank without encoding its images again: the incremental onboarding of the RAD paper. The result is the
+bank a build from all the images would give (same rows, fingerprint and identity), so runs that name
+it with ``memory.path`` reuse it. The same happens inside a run with ``memory.append=true``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from anomret.config import config_dir
+from anomret.pipeline import append_memory
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="append")
+def main(cfg: DictConfig) -> None:
+    append_memory(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""RAD: training-free multi-class anomaly detection by retrieval from a memory of normal images.
+
+Per test image (the RAD paper, Sec. 3; the official code's constants):
+
+1. global context retrieval: the K memory images whose final CLS is most cosine-similar;
+2. per layer, each test patch's score is 1 − its largest cosine with the patches of those K images
+   inside the L∞ window of radius ρ around its position (the window clipped at the border);
+3. the layer maps are averaged with weights (equal by default), upsampled bilinearly to ``map_size``
+   (256) and blurred with the 5×5 σ = 1 zero-padded Gaussian (the method base's mapper);
+4. the image score is the mean of the top 1 % of the map.
+
+Native-resolution maps: ``model.map_size=${encoder.image_size}`` (the masks follow ``model.map_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anomret.encoders.base import Encoder, Features
+from anomret.memory.normal import NormalMemoryBank
+from anomret.metrics.evaluator import CategoryEvaluator
+from anomret.models.base import MethodOutput, RetrievalModule
+from anomret.retrieval.spatial import SpatialRetrieval, layer_weights
+
+
+class RAD(RetrievalModule):
+    """RAD on the method base: the normal-image bank is built by the memory pass, nothing trains.
+
+    Args:
+        encoder, evaluator, map_size, map_sigma, map_kernel_size, map_padding, top_k_ratio: see
+            :class:`~anomret.models.base.RetrievalModule` (RAD: 256, σ 1, 5×5, zero padding, 1 %).
+        retrieval: global top-K + windowed 1-NN (``retrieval=spatial``: ``k``, ``rho``).
+        layers: the memory layers scored (``None``: all of the bank's; ``[11]``: the one-layer ablation).
+        layer_weights: fusion weights, a list in ``layers`` order or a mapping layer → weight,
+            renormalised to sum to 1 (``None``: equal, as the paper).
+    """
+
+    method = "rad"
+    memory_kind = "normal"
+    retrieval_target = "anomret.retrieval.spatial.SpatialRetrieval"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        retrieval: SpatialRetrieval,
+        evaluator: CategoryEvaluator,
+        map_size: int = 256,
+        map_sigma: float = 1.0,
+        map_kernel_size: int | None = 5,
+        map_padding: str = "zeros",
+        top_k_ratio: float = 0.01,
+        layers: Sequence[int] | None = None,
+        layer_weights: Sequence[float] | Mapping[int, float] | None = None,
+        **map_options: Any,
+    ) -> None:
+        super().__init__(
+            encoder,
+            evaluator,
+            map_size,
+            map_sigma,
+            map_kernel_size=map_kernel_size,
+            map_padding=map_padding,
+            image_score_weight=0.0,
+            top_k_ratio=top_k_ratio,
+            **map_options,
+        )
+        self.save_hyperparameters(ignore=["encoder", "retrieval", "evaluator"], logger=False)
+        self.retriever = retrieval
+        self.layers = None if layers is None else [int(layer) for layer in layers]
+        if isinstance(layer_weights, Mapping):
+            layer_weights = {int(layer): float(weight) for layer, weight in layer_weights.items()}
+        self.layer_weights = layer_weights
+        self.k_used: int | None = None
+
+    def memory_dims(self, bank: NormalMemoryBank) -> dict[str, int]:
+        return {
+            "cls": self.encoder.cls_dim,
+            **{f"patch.{layer}": self.encoder.patch_dim for layer in bank.layers},
+        }
+
+    def scored_layers(self, bank: NormalMemoryBank) -> list[int]:
+        layers = bank.layers if self.layers is None else self.layers
+        missing = [layer for layer in layers if layer not in bank.layers]
+        if missing or not layers:
+            raise ValueError(
+                f"model.layers={self.layers} must be a non-empty subset of the memory's layers {bank.layers}. "
+                "Fix: model.layers=null (all), or build the memory with those encoder layers."
+            )
+        extracted = [layer for layer in layers if layer not in self.encoder.layers]
+        if extracted:
+            raise ValueError(
+                f"the memory holds layers {extracted} that this encoder does not extract ({list(self.encoder.layers)})"
+            )
+        return list(layers)
+
+    def check_memory_size(self, n_images: int) -> None:
+        """Refuse a K larger than the memory before the memory pass runs (unless ``retrieval.cap_k``)."""
+        self.retriever.k_for(n_images)
+
+    def on_memory_attached(self) -> None:
+        bank = self.bank
+        assert isinstance(bank, NormalMemoryBank)
+        layers = self.scored_layers(bank)
+        layer_weights(layers, self.layer_weights)  # validates count and values now, not mid-test
+        self.k_used = self.retriever.k_for(bank.n_images)
+
+    def retrieval_settings(self) -> dict[str, Any]:
+        """What the run used, recorded in results.json (K can be capped at the memory size)."""
+        bank = self.bank
+        assert isinstance(bank, NormalMemoryBank)
+        return {
+            "k": self.retriever.k,
+            "k_used": self.k_used,
+            "rho": self.retriever.rho,
+            "layers": self.scored_layers(bank),
+            "layer_weights": layer_weights(self.scored_layers(bank), self.layer_weights),
+            "memory_images": bank.n_images,
+            "memory_dtype": bank.storage_dtype,
+        }
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.test_results is not None:
+            self.test_results.settings["retrieval"] = self.retrieval_settings()
+
+    def score(self, features: Features) -> MethodOutput:
+        bank = self.bank
+        assert isinstance(bank, NormalMemoryBank)
+        layers = self.scored_layers(bank)
+        neighbors = self.retriever.neighbors(features.cls, bank.cls)
+        patch = self.retriever.scores(
+            {layer: features.patches[layer] for layer in layers},
+            {layer: bank.patches[layer].stored() for layer in layers},
+            neighbors,
+            weights=self.layer_weights,
+        )
+        return MethodOutput(patch_scores=patch)
