@@ -316,3 +316,31 @@ def test_clip_only_model_and_maskless_auxiliary_data_fail_before_any_compute(dat
     with pytest.raises(ValueError, match="needs a CLIP encoder with its text tower"):
         build_model(cfg, build(cfg.encoder))
     assert MRADCLIP.encoder_target.endswith("CLIPEncoder")
+
+
+def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
+    from anomret.analysis.similarity import similarity_analysis
+
+    root, runs = trained
+    out = root / "similarity"
+    ckpt = runs["ft"] / "checkpoints" / "last.ckpt"
+    cfg = _compose(
+        root, data_dir, ["+experiment=demo_mrad_ft", f"ckpt_path={ckpt}", f"paths.output_dir={out}"], "eval"
+    )
+    report = similarity_analysis(cfg)
+    assert set(report.per_category) == {"TF", "FT"}
+    for setting in ("TF", "FT"):
+        overall = report.overall(setting)
+        # 42 test images on a 16×16 grid: every interior cell is a query of one group.
+        assert 0 < overall.anomalous_count < overall.normal_count <= 42 * 16 * 16
+    assert report.overall("TF").values() != report.overall("FT").values()
+    assert {p.name for p in out.iterdir()} >= {"similarity.csv", "similarity.md", "similarity.png"}
+    with pytest.raises(ValueError, match="need its trained heads: pass ckpt_path="):
+        similarity_analysis(
+            _compose(
+                root,
+                data_dir,
+                ["+experiment=demo_mrad_ft", f"memory.path={load_checkpoint(ckpt)['bank']['path']}"],
+                "eval",
+            )
+        )
