@@ -372,3 +372,29 @@ def test_demo_commands_train_and_eval_reproduces_the_numbers(tmp_path, data_dir)
     assert Path(ckpt).stat().st_size < 400_000
     cli("anomret.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert _results(tmp_path / "eval") == _results(tmp_path / "train")
+
+
+def test_bias_source_ablation_is_a_config_value(parts, tmp_path, data_dir):
+    cfg, dual, datamodule = parts(["+experiment=demo_mrad_clip"])
+    batch = _first_batch(datamodule)
+    features = dual.features(batch)
+    maps = {}
+    for source in ("dual", "anomaly", "cls", "none"):
+        cfg = _compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", f"model.bias_source={source}"])
+        lightning.seed_everything(0)
+        model = build_model(cfg, dual.encoder)
+        model.attach_memory(dual.bank, dual.bank_info)
+        keys = {k for k in model.state_dict() if k.startswith("prompts.prompt_bias.")}
+        expected = {
+            "dual": {"normal", "anomalous"},
+            "anomaly": {"anomalous"},
+            "cls": {"normal", "anomalous"},
+            "none": set(),
+        }[source]
+        assert keys == {f"prompts.prompt_bias.{m}.{p}" for m in expected for p in ("weight", "bias")}
+        model.eval()
+        with torch.no_grad():
+            maps[source] = model.score(features).patch_scores
+        assert maps[source].shape == features.patches[4].shape[:3]
+    # Same seed, same context tokens: the maps differ only through the biases.
+    assert not torch.allclose(maps["dual"], maps["none"]) and not torch.allclose(maps["cls"], maps["none"])
