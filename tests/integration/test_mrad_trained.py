@@ -202,15 +202,14 @@ def test_demos_write_small_checkpoints_that_eval_reproduces(trained, data_dir):
 
 
 def test_later_epochs_read_every_feature_from_the_store(tmp_path, data_dir, caplog):
-    cfg = _compose(
-        tmp_path, data_dir, ["+experiment=demo_mrad_clip", "trainer.max_epochs=2", "model.ft_epochs=1"]
-    )
+    cfg = _compose(tmp_path, data_dir, ["+experiment=demo_mrad_ft", "trainer.max_epochs=2"])
     with caplog.at_level(logging.INFO, logger="anomret"):
         run(cfg, fit=True)
-    # The memory pass encodes the 42 auxiliary images once; both epochs then read them.
+    # The memory pass encodes the 42 auxiliary images once (the bank is built from the store's rounded
+    # features); both epochs then read them, and the test pass encodes the 42 evaluation images.
     assert "epoch 1: 0 image(s) encoded, 42 read from the feature store" in caplog.text
     assert "epoch 2: 0 image(s) encoded, 42 read from the feature store" in caplog.text
-    assert "epoch 2: CLIP stage, projection heads frozen" in caplog.text
+    assert "features: 84 image(s) encoded, 84 read from the feature store" in caplog.text
 
 
 def test_official_checkpoint_files_are_evaluated_without_training(trained, data_dir, tmp_path):
