@@ -98,6 +98,16 @@ def validate_config(cfg: DictConfig) -> None:
             f"(it uses the text tower), but the encoder is {cfg.encoder._target_}. "
             "Fix: encoder=clip_vit_l14_336 (or tiny_clip for tests)."
         )
+    strategy = str((cfg.get("trainer") or {}).get("strategy", ""))
+    if (
+        getattr(model_class, "ddp_find_unused_parameters", False)
+        and strategy.startswith("ddp")
+        and ("find_unused_parameters_true" not in strategy)
+    ):
+        raise ConfigError(
+            f"model {model_class.method} trains different parameters in different epochs, which DDP must be "
+            f"told about. Fix: add trainer.strategy=ddp_find_unused_parameters_true (got {strategy})."
+        )
     aux = cfg.get("aux_dataset") or {}
     if getattr(model_class, "needs_aux_masks", False) and aux and aux.get("require_masks") is not True:
         raise ConfigError(

@@ -58,6 +58,8 @@ class MRADCLIP(MRADFT):
 
     method = "mrad_clip"
     encoder_target = CLIP_ENCODER  # checked by the run before anything is built
+    # Each stage leaves a part unused (prompts in the FT stage, heads in the CLIP stage).
+    ddp_find_unused_parameters = True
     # The text tower is the encoder's own (shared weights): frozen, left out of checkpoints.
     frozen_prefixes = ("encoder.", "text.")
 
@@ -155,6 +157,14 @@ class MRADCLIP(MRADFT):
             self.heads.requires_grad_(False)
             self._projected = None
             log.info("epoch %d: CLIP stage, projection heads frozen", self.current_epoch + 1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The stage's idle part keeps no gradient, so Adam leaves it exactly as it is, also under DDP with
+        # unused-parameter detection (which may hand it zero gradients that Adam's momentum would turn
+        # into a step).
+        idle = self.heads if self.in_clip_stage else self.prompts
+        for parameter in idle.parameters():
+            parameter.grad = None
 
     def clip_loss(self, features: Features, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """``focal(P, g) + dice(P₁, g) + dice(P₀, 1 − g)`` of the text branch (the CLIP stage)."""
