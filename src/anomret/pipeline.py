@@ -91,6 +91,30 @@ def validate_config(cfg: DictConfig) -> None:
             f"model {model_class.method} uses retrieval {required_retrieval}, not {cfg.retrieval._target_}. "
             f"Fix: use method={model_class.method}, which sets model, memory and retrieval together."
         )
+    required_encoder = getattr(model_class, "encoder_target", None)
+    if required_encoder and cfg.encoder._target_ != required_encoder:
+        raise ConfigError(
+            f"model {model_class.method} needs an encoder of type {required_encoder.rsplit('.', 1)[-1]} "
+            f"(it uses the text tower), but the encoder is {cfg.encoder._target_}. "
+            "Fix: encoder=clip_vit_l14_336 (or tiny_clip for tests)."
+        )
+    strategy = str((cfg.get("trainer") or {}).get("strategy", ""))
+    if (
+        getattr(model_class, "ddp_find_unused_parameters", False)
+        and strategy.startswith("ddp")
+        and ("find_unused_parameters_true" not in strategy)
+    ):
+        raise ConfigError(
+            f"model {model_class.method} trains different parameters in different epochs, which DDP must be "
+            f"told about. Fix: add trainer.strategy=ddp_find_unused_parameters_true (got {strategy})."
+        )
+    aux = cfg.get("aux_dataset") or {}
+    if getattr(model_class, "needs_aux_masks", False) and aux and aux.get("require_masks") is not True:
+        raise ConfigError(
+            f"model {model_class.method} builds its memory (and trains) from pixel masks, but "
+            f"aux_dataset={aux.get('name')} does not require them (require_masks={aux.get('require_masks')}). Fix: use an auxiliary dataset with masks "
+            "(aux_dataset=visa or mvtec) and leave aux_dataset.require_masks=true."
+        )
     features = cfg.get("features") or {}
     if features.get("enabled") and not features.get("dir"):
         raise ConfigError("features.enabled=true needs features.dir (where encoder outputs are cached)")

@@ -34,6 +34,8 @@ class MRADTF(RetrievalModule):
 
     method = "mrad_tf"
     memory_kind = "labeled"
+    # The labelled bank (and MRAD-FT/CLIP training) read the auxiliary images' pixel masks.
+    needs_aux_masks = True
 
     def __init__(
         self,

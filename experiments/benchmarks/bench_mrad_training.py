@@ -1,0 +1,228 @@
+"""Time of the first and of later MRAD-FT / MRAD-CLIP training epochs, with the feature store.
+
+The encoder is frozen and nothing is augmented, so the first epoch runs the ViT on every auxiliary image
+and writes its outputs to the feature store; every later epoch reads them back and only the heads /
+prompts compute. The official code re-encodes every epoch (MRAD paper Table 4: 334 s per FT epoch,
+353 s per CLIP epoch on an RTX 3090, 7.8 / 9.4 GB).
+
+Two shapes:
+
+- ``--shape demo``: the demo recipes (tiny random CLIP, synthetic data, 42 auxiliary images at 128 px).
+  The bank is built first without the store, so epoch 1 starts with an empty store, as the first
+  epoch of a run whose bank is already cached does.
+- ``--shape paper``: CLIP ViT-L/14@336 with random weights at 518 px, ``--images`` random auxiliary
+  images (2,162 = VisA's test split) with random masks, and a random labelled bank of VisA's size
+  (2,162 image keys, 3,600 patch prototypes: the retrieval costs the same as with real keys).
+  Peak GPU memory is reported per epoch.
+
+    python experiments/benchmarks/bench_mrad_training.py --shape demo --method ft --epochs 3
+    python experiments/benchmarks/bench_mrad_training.py --shape paper --method clip --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe_machine
+
+from anomret.config import config_dir
+from anomret.data.dataset import collate_items
+from anomret.features.store import FeatureStore
+from anomret.memory.labeled import LabeledMemoryBank
+from anomret.pipeline import build, build_model, get_or_build_bank
+
+
+class EpochTimer(lightning.Callback):
+    """Wall time, images encoded and peak GPU memory of each training epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+
+    def _sync(self, module: lightning.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._sync(module)
+        if module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
+        self._start = time.perf_counter()
+        self._encoded = module.extractor.encoded
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self._sync(module)
+        peak = (
+            torch.cuda.max_memory_allocated(module.device) / 2**30 if module.device.type == "cuda" else None
+        )
+        self.epochs.append(
+            {
+                "epoch": len(self.epochs) + 1,
+                "seconds": time.perf_counter() - self._start,
+                "encoded": module.extractor.encoded - self._encoded,
+                "peak_gib": peak,
+            }
+        )
+
+
+class RandomAuxiliary(Dataset):
+    """Random images with random rectangular masks, in :class:`~anomret.data.dataset.AnomalyDataset`'s item
+    layout (stored features replace the image once the feature store has them)."""
+
+    def __init__(self, n: int, size: int, store: FeatureStore, mean, std) -> None:
+        self.n, self.size, self.store = n, size, store
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(index)
+        key = f"bench-{self.size}-{index}"
+        item: dict[str, Any] = {"feature_key": key}
+        stored = self.store.read(key)
+        if stored is not None:
+            item["features"] = stored
+        else:
+            item["image"] = (torch.rand(3, self.size, self.size, generator=gen) - self.mean) / self.std
+        mask = torch.zeros(self.size, self.size)
+        label = index % 2  # VisA's test split is about half anomalous
+        if label:
+            y, x = torch.randint(0, self.size // 2, (2,), generator=gen).tolist()
+            mask[y : y + self.size // 4, x : x + self.size // 4] = 1
+        item.update(mask=mask, label=torch.tensor(label), category="bench", image_path=key, index=index)
+        return item
+
+
+def random_bank(encoder, n_images: int, n_patches: int, layer: int) -> LabeledMemoryBank:
+    gen = torch.Generator().manual_seed(0)
+    return LabeledMemoryBank(
+        image_keys=F.normalize(torch.randn(n_images, encoder.cls_dim, generator=gen), dim=-1),
+        image_values=F.one_hot(torch.arange(n_images) % 2, 2).float(),
+        patch_keys=F.normalize(torch.randn(n_patches, encoder.patch_dim, generator=gen), dim=-1),
+        patch_values=F.one_hot((torch.arange(n_patches) % 4 == 0).long(), 2).float(),
+        metadata={"build": {"layer": layer}},
+    )
+
+
+def compose_config(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def run_benchmark(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[str, Any]], str]:
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    common = [
+        f"paths.root_dir={scratch}",
+        f"paths.output_dir={scratch / 'run'}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.accelerator={accelerator}",
+        "logger=none",
+    ]
+    if args.method == "clip":
+        common.append("model.ft_epochs=1")
+    if args.shape == "demo":
+        cfg = compose_config([f"+experiment=demo_mrad_{args.method}", *common])
+    else:
+        cfg = compose_config(
+            [
+                f"+experiment=mrad_{args.method}_mvtec",
+                "encoder.pretrained=null",
+                f"encoder.image_size={args.image_size}",
+                f"encoder.resize={args.image_size}",
+                *common,
+            ]
+        )
+    lightning.seed_everything(0)
+    encoder = build(cfg.encoder)
+    model = build_model(cfg, encoder)
+    store = FeatureStore(scratch / "features", encoder.fingerprint(), encoder.preprocess, "fp16")
+    timer = EpochTimer()
+    trainer = lightning.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    if args.shape == "demo":
+        datamodule = instantiate(cfg.data, _partial_=True)(
+            dataset=cfg.dataset,
+            aux_dataset=cfg.aux_dataset,
+            preprocess=encoder.preprocess,
+            feature_store=None,
+        )
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        # The bank first, without the store: epoch 1 then starts with an empty store.
+        bank, info = get_or_build_bank(build(cfg.memory), model, datamodule, trainer)
+        datamodule.feature_store = store
+        loader = datamodule.train_dataloader()
+        what = f"demo_mrad_{args.method}: tiny random CLIP, {len(datamodule.aux_samples)} images at 128 px"
+    else:
+        layer = encoder.layers[-1]
+        bank, info = (
+            random_bank(encoder, args.images, args.patch_entries, layer),
+            {"path": None, "identity": "random"},
+        )
+        preprocess = encoder.preprocess
+        dataset = RandomAuxiliary(args.images, args.image_size, store, preprocess.mean, preprocess.std)
+        loader = DataLoader(
+            dataset, batch_size=8, shuffle=True, num_workers=args.workers, collate_fn=collate_items
+        )
+        what = (
+            f"mrad_{args.method} paper shape: CLIP ViT-L/14@336 random weights, {args.images} images at "
+            f"{args.image_size} px, bank {args.images} image / {args.patch_entries} patch entries"
+        )
+    model.set_feature_store(store)
+    model.attach_memory(bank, info)
+    trainer.fit(model, train_dataloaders=loader)
+    return timer.epochs, what
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=("demo", "paper"), default="demo")
+    parser.add_argument("--method", choices=("ft", "clip"), default="ft")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--images", type=int, default=2162)
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--patch-entries", type=int, default=3600)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as scratch:
+        epochs, what = run_benchmark(args, Path(scratch))
+    print(f"{what}\nmachine: {describe_machine(args.device)}\n")
+    print("| epoch | seconds | images encoded | peak GPU GiB |\n|---|---|---|---|")
+    for epoch in epochs:
+        peak = "-" if epoch["peak_gib"] is None else f"{epoch['peak_gib']:.2f}"
+        print(f"| {epoch['epoch']} | {epoch['seconds']:.2f} | {epoch['encoded']} | {peak} |")
+    later = [e["seconds"] for e in epochs[1:]]
+    if later:
+        print(f"\nepoch 1 / mean of later epochs: {epochs[0]['seconds'] / (sum(later) / len(later)):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

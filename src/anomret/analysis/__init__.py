@@ -1,0 +1,1 @@
+"""Analyses of trained and train-free methods: the figures of the papers."""

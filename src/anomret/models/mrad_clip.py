@@ -1,0 +1,198 @@
+"""MRAD-CLIP: MRAD-FT's retrieval priors injected into learnable CLIP prompts (MRAD paper §3.3).
+
+Training runs as the official code does, in one fit of ``ft_epochs + clip_epochs`` epochs (1 + 5):
+
+1. the **FT stage** (epochs ``< ft_epochs``): MRAD-FT's loss on the projection heads, at a constant lr;
+2. the **CLIP stage**: the heads are frozen; per image, the FT patch retrieval (with the training-time
+   similarity dropout) thresholded at 0.5 pools the projected patch tokens into normal and anomalous
+   prototypes, two ``Linear`` layers turn them into biases added to the 12 learnable context tokens of
+   each state, the frozen text tower (deep prompts in blocks 2–9) gives per-image text features, and a
+   cosine classifier at 0.07 gives per-patch probabilities. Loss ``focal + dice(P₁, g) + dice(P₀, 1 − g)``;
+   only prompts and bias layers learn.
+
+One Adam optimiser holds heads and prompts: Adam's state (moments and step count) is per parameter and a
+parameter without a gradient is skipped, so it is exactly the official pair of optimisers (heads in the FT
+stage, prompts in the CLIP stage) at the same lr and betas.
+
+Inference: map = the text branch's anomalous probability (the FT retrieval only enters through the
+priors); image score ``0.7·r + 0.3·TopKMean(map)`` with ``r`` the FT image retrieval.
+
+The bias source is the paper's Table 2 ablation: ``dual`` (default), ``anomaly``, ``cls`` or ``none``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anomret.encoders.base import Encoder, Features
+from anomret.losses import segmentation_loss
+from anomret.metrics.evaluator import CategoryEvaluator
+from anomret.models.base import MethodOutput
+from anomret.models.mrad_ft import MRADFT, binary_masks, upsample_probabilities
+from anomret.models.projections import ProjectedMemory
+from anomret.models.prompts import MRADPromptLearner, cosine_classifier, region_priors
+from anomret.retrieval.softmax import SoftmaxRetriever
+
+log = logging.getLogger(__name__)
+
+CLIP_ENCODER = "anomret.encoders.clip.CLIPEncoder"
+
+
+class MRADCLIP(MRADFT):
+    """MRAD-CLIP on the method base (see the module docstring).
+
+    Args:
+        encoder, retrieval, evaluator, map_size, …, official_checkpoint: see
+            :class:`~anomret.models.mrad_ft.MRADFT` (``lr_schedule`` defaults to ``constant`` here, as
+            the official MRAD-CLIP pipeline).
+        ft_epochs: epochs of the FT stage (1); the CLIP stage runs for the rest of ``trainer.max_epochs``.
+        n_ctx, deep_length, deep_layers, deep_start, class_name, normal_template, anomalous_template,
+            bias_source, round_deep_prompts: see :class:`~anomret.models.prompts.MRADPromptLearner`.
+        prior_threshold: anomalous-region threshold of the FT patch retrieval (0.5).
+        text_temperature: temperature of the cosine classifier (0.07).
+    """
+
+    method = "mrad_clip"
+    encoder_target = CLIP_ENCODER  # checked by the run before anything is built
+    # Each stage leaves a part unused (prompts in the FT stage, heads in the CLIP stage).
+    ddp_find_unused_parameters = True
+    # The text tower is the encoder's own (shared weights): frozen, left out of checkpoints.
+    frozen_prefixes = ("encoder.", "text.")
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        retrieval: SoftmaxRetriever,
+        evaluator: CategoryEvaluator,
+        map_size: int,
+        ft_epochs: int = 1,
+        n_ctx: int = 12,
+        deep_length: int = 4,
+        deep_layers: int = 8,
+        deep_start: int = 2,
+        class_name: str = "object",
+        normal_template: str = "{}",
+        anomalous_template: str = "damaged {}",
+        bias_source: str = "dual",
+        round_deep_prompts: bool = True,
+        prior_threshold: float = 0.5,
+        text_temperature: float = 0.07,
+        lr_schedule: str = "constant",
+        official_checkpoint: str | None = None,
+        **ft_options: Any,
+    ) -> None:
+        if not callable(getattr(encoder, "text_encoder", None)):
+            raise ValueError(
+                f"MRAD-CLIP needs a CLIP encoder with its text tower (encoder=clip_vit_l14_336 or tiny_clip), "
+                f"got {type(encoder).__name__}. Fix: choose a CLIP encoder, or use method=mrad_ft."
+            )
+        super().__init__(encoder, retrieval, evaluator, map_size, lr_schedule=lr_schedule, **ft_options)
+        if ft_epochs < 0:
+            raise ValueError(f"model.ft_epochs must be >= 0, got {ft_epochs}")
+        if not 0 < prior_threshold < 1:
+            raise ValueError(f"model.prior_threshold must be in (0, 1), got {prior_threshold}")
+        if text_temperature <= 0:
+            raise ValueError(f"model.text_temperature must be positive, got {text_temperature}")
+        self.ft_epochs = int(ft_epochs)
+        self.prior_threshold = float(prior_threshold)
+        self.text_temperature = float(text_temperature)
+        # Registered (not only held by the prompt learner) so its buffers follow the module's device.
+        self.text = text = encoder.text_encoder(deep_start=deep_start)
+        self.prompts = MRADPromptLearner(
+            text,
+            n_ctx=n_ctx,
+            deep_length=deep_length,
+            deep_layers=deep_layers,
+            deep_start=deep_start,
+            class_name=class_name,
+            normal_template=normal_template,
+            anomalous_template=anomalous_template,
+            bias_source=bias_source,
+            prior_dim=encoder.cls_dim,
+            round_deep_prompts=round_deep_prompts,
+        )
+        if official_checkpoint:
+            self.load_official(official_checkpoint)
+
+    def official_modules(self) -> dict[str, Any]:
+        return {"heads": self.heads, "prompts": self.prompts}
+
+    # ----------------------------------------------------------------------------------- scoring
+    def text_probabilities(
+        self, features: Features, memory: ProjectedMemory, *, dropout: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Per-patch ``[normal, anomalous]`` probabilities ``[B, h, w, 2]`` of the text branch, and the
+        FT patch retrieval ``[B, h, w]`` its priors come from."""
+        tokens = features.projected.get(self.layer)
+        if tokens is None:
+            raise ValueError(
+                f"MRAD-CLIP needs the projected patch tokens of layer {self.layer} "
+                "(encoder.project_patches=true)"
+            )
+        with torch.no_grad():  # the threshold is a hard decision: no gradient reaches the heads
+            retrieved = self.heads.patch_scores(features.patches[self.layer], memory, dropout=dropout)
+        priors = region_priors(retrieved, tokens, self.prior_threshold)
+        text = self.prompts(priors=priors, cls_token=features.cls, batch_size=tokens.shape[0])
+        return cosine_classifier(tokens, text, self.text_temperature), retrieved
+
+    def score(self, features: Features) -> MethodOutput:
+        memory = self.projected_memory()
+        probs, _ = self.text_probabilities(features, memory, dropout=False)
+        image = self.heads.image_scores(features.cls, memory, dropout=False)
+        return MethodOutput(patch_scores=probs[..., 1], image_retrieval=image)
+
+    # ---------------------------------------------------------------------------------- training
+    @property
+    def in_clip_stage(self) -> bool:
+        return self.current_epoch >= self.ft_epochs
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.in_clip_stage and any(p.requires_grad for p in self.heads.parameters()):
+            # Frozen from here on: their key projections are computed once for the CLIP stage.
+            self.heads.requires_grad_(False)
+            self._projected = None
+            log.info("epoch %d: CLIP stage, projection heads frozen", self.current_epoch + 1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The stage's idle part keeps no gradient, so Adam leaves it exactly as it is, also under DDP with
+        # unused-parameter detection (which may hand it zero gradients that Adam's momentum would turn
+        # into a step).
+        idle = self.heads if self.in_clip_stage else self.prompts
+        for parameter in idle.parameters():
+            parameter.grad = None
+
+    def clip_loss(self, features: Features, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``focal(P, g) + dice(P₁, g) + dice(P₀, 1 − g)`` of the text branch (the CLIP stage)."""
+        masks = binary_masks(batch)
+        probs, _ = self.text_probabilities(features, self.projected_memory(), dropout=True)
+        loss = segmentation_loss(
+            upsample_probabilities(probs, tuple(masks.shape[-2:])), masks, normal_dice=True
+        )
+        return loss, {"text": loss.detach()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        features = self.features(batch)
+        if self.in_clip_stage:
+            loss, parts = self.clip_loss(features, batch)
+        else:
+            loss, parts = self.ft_loss(features, batch)
+        self._log_training(loss, parts, len(batch["index"]))
+        return loss
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.heads.parameters(), *self.prompts.parameters()]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs <= self.ft_epochs:
+            log.warning(
+                "MRAD-CLIP: trainer.max_epochs=%d leaves no CLIP stage after %d FT epoch(s); the prompts "
+                "stay at their initialisation",
+                self.trainer.max_epochs,
+                self.ft_epochs,
+            )
