@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from anomret.cli import user_errors
 from anomret.data.datasets import DATASETS, DatasetSpec, get_spec
 from anomret.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from anomret.data.meta import META_FILENAME, SPLITS, Meta, write_meta_json
@@ -127,6 +128,11 @@ def _list_datasets() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
+    with user_errors(hydra=False):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m anomret.data.prepare",
         description="Write ROOT/meta.json for a downloaded anomaly-detection benchmark.",
