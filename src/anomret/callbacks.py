@@ -203,7 +203,9 @@ class PredictionWriter(BasePredictionWriter):
             if self.save_maps:
                 row["map_file"] = map_path.relative_to(self.output_dir).as_posix()
             if self.overlays:
-                row["overlay_file"] = self.output("overlays", image_path, ".png").relative_to(self.output_dir).as_posix()
+                row["overlay_file"] = (
+                    self.output("overlays", image_path, ".png").relative_to(self.output_dir).as_posix()
+                )
             self.rows.append(row)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -198,14 +198,15 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     settings: MemorySettings = build(cfg.memory)  # cheap checks first
     encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)
+    # The model first: data.mask_size follows model.map_size, whose own message names the setting to fix.
+    model = build_model(cfg, encoder)
+    model.set_feature_store(store)
     datamodule = instantiate(cfg.data, _partial_=True)(
         dataset=cfg.dataset,
         aux_dataset=cfg.aux_dataset if fit else None,
         preprocess=encoder.preprocess,
         feature_store=store,
     )
-    model = build_model(cfg, encoder)
-    model.set_feature_store(store)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     # Every source is read and checked before any compute: a bad evaluation set fails in seconds.

@@ -102,9 +102,9 @@ class RetrievalModule(LightningModule):
         self.top_k_ratio = _check_unit_interval(top_k_ratio, "model.top_k_ratio", open_low=True)
         integer_at_least(map_size, "model.map_size", 1)
         number_in(map_sigma, "model.map_sigma", 0.0)  # 0: no blur
-        if integer_at_least(map_kernel_size, "model.map_kernel_size", 1, none="scipy's truncate rule"):
-            if map_kernel_size % 2 == 0:
-                raise ValueError(f"model.map_kernel_size must be odd, got {map_kernel_size}")
+        kernel = integer_at_least(map_kernel_size, "model.map_kernel_size", 1, none="scipy's truncate rule")
+        if kernel is not None and kernel % 2 == 0:
+            raise ValueError(f"model.map_kernel_size must be odd, got {kernel}")
         self.encoder = encoder
         self.extractor = FeatureExtractor(encoder)
         self.mapper = AnomalyMapper(map_size, map_sigma, kernel_size=map_kernel_size, padding=map_padding)
