@@ -54,6 +54,11 @@ def test_memory_settings_are_checked_before_the_memory_pass(compose_config, tmp_
         ("data.eval_batch_size=0", r"data.eval_batch_size must be an integer >= 1 or null"),
         ("data.num_workers=-1", r"data.num_workers must be an integer >= 0, got -1"),
         ("data.mask_threshold=1.5", r"data.mask_threshold must be a number in \[0, 1\)"),
+        ("evaluation.aupro_fpr_limit=0", r"evaluation.aupro_fpr_limit must be a number in \(0, 1\]"),
+        (
+            "evaluation.aupro_num_thresholds=0",
+            r"evaluation.aupro_num_thresholds must be an integer >= 1 or null",
+        ),
     ],
 )
 def test_model_values_are_checked_at_construction(compose_config, tmp_path, override, message):
