@@ -71,7 +71,7 @@ def readable_samples(samples: SampleTable, where: str | Path) -> SampleTable:
         try:
             check_image(sample.image_path)
         except InvalidSampleError as error:
-            log.warning("skipping %s", str(error).replace("\n", " "))
+            log.warning("skipping an unreadable file: %s", str(error).replace("\n", " "))
             skipped.append(sample.image_path)
             continue
         kept.append(sample)
