@@ -132,6 +132,10 @@ class OverlayWriter(Callback):
 class PredictionWriter(BasePredictionWriter):
     """Streams predictions to disk: one ``.npy`` map per image, ``predictions.csv``, then overlays.
 
+    Output files mirror the input's tree and keep each image's whole file name, so two images never share
+    an output (``a.png``, ``a.jpg``, ``a_png.png`` and ``sub/a.png`` give ``maps/a.png.npy``,
+    ``maps/a.jpg.npy``, ``maps/a_png.png.npy`` and ``maps/sub/a.png.npy``); each CSV row names its files.
+
     Maps are written batch by batch, so memory does not grow with the number of images. Overlays are
     drawn at the end, from the saved maps, on one colour range for the whole input (its 1st to 99.9th
     percentile of map values), so images can be compared with each other.
@@ -139,33 +143,41 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output_dir: where ``predictions.csv``, ``maps/`` and ``overlays/`` go.
         preprocess: the encoder's preprocessing, to draw overlays on the pixels the maps cover.
+        input_dir: the folder the images were found under; output paths mirror paths relative to it.
         save_maps: keep the ``.npy`` anomaly maps (they are still used for the overlays).
         overlays: draw overlay PNGs.
     """
 
     def __init__(
-        self, output_dir: str, preprocess: Preprocess, save_maps: bool = True, overlays: bool = True
+        self,
+        output_dir: str,
+        preprocess: Preprocess,
+        input_dir: str | None = None,
+        save_maps: bool = True,
+        overlays: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.preprocess = preprocess
+        self.input_dir = None if input_dir is None else Path(input_dir)
         self.save_maps = save_maps
         self.overlays = overlays
         self.rows: list[dict[str, Any]] = []
         self._samples: list[np.ndarray] = []
-        self._names: dict[str, str] = {}
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.rows, self._samples, self._names = [], [], {}
+        self.rows, self._samples = [], []
 
-    def _output(self, folder: str, image_path: str, category: str, suffix: str) -> Path:
-        if image_path not in self._names:
-            path = Path(image_path)
-            taken = set(self._names.values())
-            name = f"{category}/{path.stem}"
-            # a.png and a.jpg in one folder must not overwrite each other's outputs.
-            self._names[image_path] = name if name not in taken else f"{name}_{path.suffix.lstrip('.')}"
-        return self.output_dir / folder / f"{self._names[image_path]}{suffix}"
+    def relative(self, image_path: str) -> str:
+        """The image's path below the input folder (its file name when it lies elsewhere)."""
+        path = Path(image_path)
+        if self.input_dir is not None and path.is_relative_to(self.input_dir):
+            return path.relative_to(self.input_dir).as_posix()
+        return path.name
+
+    def output(self, folder: str, image_path: str, suffix: str) -> Path:
+        """``output_dir/folder/<relative path of the image><suffix>``: unique per image by construction."""
+        return self.output_dir / folder / f"{self.relative(image_path)}{suffix}"
 
     def write_on_batch_end(
         self,
@@ -180,7 +192,7 @@ class PredictionWriter(BasePredictionWriter):
         maps = prediction["anomaly_map"].detach().float().cpu().numpy()
         scores = {k: v.detach().float().cpu() for k, v in prediction.items() if k != "anomaly_map"}
         for i, image_path in enumerate(batch["image_path"]):
-            map_path = self._output("maps", image_path, batch["category"][i], ".npy")
+            map_path = self.output("maps", image_path, ".npy")
             map_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(map_path, maps[i])
             # A strided subsample is enough to place the colour range; all values would not fit in memory.
@@ -188,6 +200,12 @@ class PredictionWriter(BasePredictionWriter):
             row = {"image_path": image_path, "category": batch["category"][i]}
             row.update({name: float(values[i]) for name, values in scores.items()})
             row["map_max"] = float(maps[i].max())
+            if self.save_maps:
+                row["map_file"] = map_path.relative_to(self.output_dir).as_posix()
+            if self.overlays:
+                row["overlay_file"] = (
+                    self.output("overlays", image_path, ".png").relative_to(self.output_dir).as_posix()
+                )
             self.rows.append(row)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -210,8 +228,8 @@ class PredictionWriter(BasePredictionWriter):
         values = np.concatenate(self._samples)
         vmin, vmax = float(np.percentile(values, 1)), float(np.percentile(values, 99.9))
         for row in self.rows:
-            anomaly_map = np.load(self._output("maps", row["image_path"], row["category"], ".npy"))
+            anomaly_map = np.load(self.output("maps", row["image_path"], ".npy"))
             image = display_image(row["image_path"], self.preprocess, anomaly_map.shape[-1])
-            caption = f"{row['category']}/{Path(row['image_path']).name}\nscore {row['image_score']:.4f}"
+            caption = f"{self.relative(row['image_path'])}\nscore {row['image_score']:.4f}"
             panel = overlay_panel(image, anomaly_map, None, vmin, vmax, caption=caption)
-            save_png(panel, self._output("overlays", row["image_path"], row["category"], ".png"))
+            save_png(panel, self.output("overlays", row["image_path"], ".png"))

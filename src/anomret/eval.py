@@ -5,13 +5,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from anomret.cli import user_errors
 from anomret.config import config_dir
 from anomret.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig) -> None:
     run(cfg, fit=False)
+
+
+def main() -> None:
+    with user_errors():
+        evaluate()
 
 
 if __name__ == "__main__":

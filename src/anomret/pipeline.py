@@ -24,8 +24,10 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from anomret.callbacks import PredictionWriter
+from anomret.checks import integer_at_least
+from anomret.data.datamodule import check_loader_settings
 from anomret.data.dataset import AnomalyDataset, collate_items
-from anomret.data.folder import image_folder_samples
+from anomret.data.folder import image_folder_samples, input_base, readable_samples
 from anomret.encoders.base import Encoder
 from anomret.features.store import FeatureStore
 from anomret.files import write_text_atomic
@@ -264,14 +266,15 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     settings: MemorySettings = build(cfg.memory)  # cheap checks first
     encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)
+    # The model first: data.mask_size follows model.map_size, whose own message names the setting to fix.
+    model = build_model(cfg, encoder)
+    model.set_feature_store(store)
     datamodule = instantiate(cfg.data, _partial_=True)(
         dataset=cfg.dataset,
         aux_dataset=memory_source(cfg, settings) if fit else None,
         preprocess=encoder.preprocess,
         feature_store=store,
     )
-    model = build_model(cfg, encoder)
-    model.set_feature_store(store)
     ckpt_path = cfg.get("ckpt_path")
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     # Every source is read and checked before any compute: a bad evaluation set fails in seconds.
@@ -375,7 +378,12 @@ def write_outputs(
 def predict(cfg: DictConfig) -> Path:
     """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
     output_dir = prepare_run(cfg)
-    samples = image_folder_samples(cfg.input)
+    loader_settings = check_loader_settings(
+        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.num_workers, cfg.data.get("mask_size")
+    )
+    integer_at_least(cfg.get("show_top", 10), "show_top", 0)
+    # Unreadable files are found (whole-file checks) and skipped before any compute.
+    samples = readable_samples(image_folder_samples(cfg.input), cfg.input)
     encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)
     model = build_model(cfg, encoder)
@@ -386,12 +394,12 @@ def predict(cfg: DictConfig) -> Path:
     bank, info = load_saved_bank(settings, encoder, "predict", checkpoint)
     model.attach_memory(bank, info)
     loader = DataLoader(
-        AnomalyDataset(samples, encoder.preprocess, cfg.data.mask_size, feature_store=store),
-        batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
+        AnomalyDataset(samples, encoder.preprocess, loader_settings["mask_size"], feature_store=store),
+        batch_size=loader_settings["eval_batch_size"],
+        num_workers=loader_settings["num_workers"],
         collate_fn=collate_items,
     )
-    writer = PredictionWriter(str(output_dir), encoder.preprocess, **cfg.predict)
+    writer = PredictionWriter(str(output_dir), encoder.preprocess, str(input_base(cfg.input)), **cfg.predict)
     progress = [c for c in instantiate_callbacks(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
     trainer = build_trainer(cfg, [], [writer, *progress])
     _fit_or_restore(model, None, trainer, checkpoint, ckpt_path, output_dir, fit=False)
@@ -402,7 +410,7 @@ def predict(cfg: DictConfig) -> Path:
     for column in ("image", "image_score"):
         table.add_column(column, justify="right" if column == "image_score" else "left")
     for row in sorted(writer.rows, key=lambda r: r["image_score"], reverse=True)[: cfg.get("show_top", 10)]:
-        table.add_row(f"{row['category']}/{Path(row['image_path']).name}", f"{row['image_score']:.4f}")
+        table.add_row(writer.relative(row["image_path"]), f"{row['image_score']:.4f}")
     Console(width=max(Console().width, 120)).print(table)
     log.info("predictions written to %s", output_dir)
     return output_dir / "predictions.csv"

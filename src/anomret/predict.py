@@ -1,7 +1,8 @@
 """``python -m anomret.predict +experiment=NAME memory.path=BANK input=DIR``: score your own images.
 
-Writes ``predictions.csv`` (image score per image), ``maps/*.npy`` (anomaly maps) and
-``overlays/*.png`` to the run directory; no labels or masks are needed.
+Writes ``predictions.csv`` (image score per image), ``maps/<relative path>.npy`` (anomaly maps) and
+``overlays/<relative path>.png`` to the run directory; no labels or masks are needed. Unreadable files
+in the input are reported and skipped.
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from anomret.cli import user_errors
 from anomret.config import config_dir
 from anomret.pipeline import predict
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def predict_images(cfg: DictConfig) -> None:
     predict(cfg)
+
+
+def main() -> None:
+    with user_errors():
+        predict_images()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from anomret.cli import user_errors
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.metrics.report import METRIC_LABELS, EvaluationResult, _write_atomic
 
@@ -564,6 +565,11 @@ def _default_out(dirs: Sequence[str | Path]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
+    with user_errors(hydra=False):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m anomret.report",
         description="Gather the results.json of a sweep's jobs (or of several runs) into one table and plots.",

@@ -1,6 +1,6 @@
 """``python -m anomret.train +experiment=NAME``: build the memory (and train heads), then evaluate.
 
-Returns the mean of ``optimized_metric`` so Hydra sweepers (e.g. Optuna) can optimise it.
+The task returns the mean of ``optimized_metric`` so Hydra sweepers (e.g. Optuna) can optimise it.
 """
 
 from __future__ import annotations
@@ -10,15 +10,21 @@ import math
 import hydra
 from omegaconf import DictConfig
 
+from anomret.cli import user_errors
 from anomret.config import config_dir
 from anomret.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float:
     result = run(cfg, fit=True)
     value = result.mean.get(cfg.get("optimized_metric") or "", math.nan)
     return float(value) if value is not None else math.nan
+
+
+def main() -> None:
+    with user_errors():
+        train()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from anomret.data.errors import InvalidSampleError
-from anomret.data.io import image_size, read_image, read_mask
+from anomret.data.io import check_image, image_size, read_image, read_mask
 
 
 def _gradient(height: int = 8, width: int = 16) -> np.ndarray:
@@ -148,6 +148,40 @@ def test_truncated_file_is_an_invalid_sample(tmp_path: Path) -> None:
     with pytest.raises(InvalidSampleError) as info:
         read_image(path)  # ... the pixels are not
     assert str(path) in str(info.value) and "corrupt" in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_whole_file_check_catches_what_the_header_misses(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    assert check_image(path) == (64, 64)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert image_size(path) == (64, 64)  # the header is intact
+    with pytest.raises(InvalidSampleError, match="truncated") as info:
+        check_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_whole_file_check_catches_corrupt_png_data(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the compressed pixels
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidSampleError, match=r"x\.png"):
+        check_image(path)
+
+
+def test_image_over_the_pixel_limit_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels > 2 x limit: a decompression bomb
+    for reader in (image_size, check_image, read_image):
+        with pytest.raises(InvalidSampleError) as info:
+            reader(path)
+        message = str(info.value)
+        assert str(path) in message and "ANOMRET_MAX_IMAGE_PIXELS" in message, message
 
 
 def test_not_an_image_and_missing_file(tmp_path: Path) -> None:

@@ -293,3 +293,52 @@ def test_cli_reports_layout_errors_without_traceback(
     assert main(["visa", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "split_csv/1cls.csv" in err and "Traceback" not in err
+
+
+def _own_images(root: Path) -> Path:
+    """MVTec layout with category names no benchmark has: masks in widget/, none in gear/."""
+    for index, split_type in enumerate(["train/good", "test/good", "test/dent"]):
+        write_image(root / "widget" / split_type / "000.png", seed=index)
+    write_mask(root / "widget" / "ground_truth" / "dent" / "000_mask.png")
+    write_image(root / "gear" / "test" / "good" / "a.png", seed=5)
+    write_image(root / "gear" / "test" / "chipped" / "b.png", seed=6)
+    (root / "empty" / "test" / "good").mkdir(parents=True)  # a category folder without images
+    (root / "notes").mkdir()  # not a category
+    return root
+
+
+def test_folder_reader_indexes_any_category_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _own_images(tmp_path / "mine")
+    with pytest.raises(LayoutError, match="does not look like MVTec AD"):
+        build_meta("mvtec", root)
+
+    with caplog.at_level("WARNING"):
+        assert main(["folder", str(root)]) == 0
+    assert ["test", "widget", "1", "1", "1"] in [
+        line.split() for line in capsys.readouterr().out.splitlines()
+    ]
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"{root / 'empty'} holds no images" in warnings
+    assert f"{root / 'notes'}/ has no test/ or train/ folder" in warnings
+
+    widget = read_meta_json(root, split="test", source="mine", categories=["widget"])
+    assert sorted((s.defect, s.label, s.mask_path is not None) for s in widget) == [
+        ("dent", 1, True),
+        ("good", 0, False),
+    ]
+    gear = read_meta_json(root, split="test", source="mine", categories=["gear"])
+    assert sorted((s.label, s.mask_path) for s in gear) == [(0, None), (1, None)]  # image labels only
+    assert list(_meta(root / "meta.json")["train"]) == ["widget"]
+
+
+def test_an_empty_category_folder_of_a_benchmark_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tree = build_tree("mvtec", tmp_path)
+    (tree.root / "cable" / "test" / "good").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        prepare("mvtec", tree.root)
+    assert any(f"{tree.root / 'cable'} holds no images" in r.getMessage() for r in caplog.records)
+    assert "cable" not in _meta(tree.root / "meta.json")["test"]

@@ -211,3 +211,13 @@ def test_bad_record_names_the_meta_file(tmp_path: Path) -> None:
     _generic(root, [{**make_record("x.png", "", "c", 0), "anomaly": 2}])
     with pytest.raises(InvalidSampleError, match=r"anomaly=2; it must be 0 \(normal\) or 1"):
         load_source("mine", root)
+
+
+def test_truncated_image_with_valid_header_fails_when_the_source_is_read(mvtec: Path) -> None:
+    image = next(s for s in load_source("mvtec", mvtec) if s.is_anomalous).image_path
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) - 20])  # the header and most pixels are there, the end is not
+    with pytest.raises(InvalidSampleError) as info:
+        load_source("mvtec", mvtec)
+    message = str(info.value)
+    assert str(image) in message and "truncated" in message and "Fix:" in message

@@ -45,6 +45,20 @@ def test_memory_settings_are_checked_before_the_memory_pass(compose_config, tmp_
         ("model.top_k_ratio=0", r"model.top_k_ratio must be a number in \(0, 1\]"),
         ("model.top_k_ratio=1.5", r"model.top_k_ratio must be a number in \(0, 1\]"),
         ("model.image_score_weight=-0.1", r"model.image_score_weight must be a number in \[0, 1\]"),
+        ("model.map_sigma=-1", r"model.map_sigma must be a number >= 0, got -1"),
+        ("model.map_size=0", r"model.map_size must be an integer >= 1, got 0"),
+        ("+model.map_kernel_size=4", r"model.map_kernel_size must be odd"),
+        ("retrieval.tau=0", r"retrieval.tau must be a number > 0, got 0"),
+        ("retrieval.key_chunk=0", r"retrieval.key_chunk must be an integer >= 1"),
+        ("data.batch_size=0", r"data.batch_size must be an integer >= 1, got 0"),
+        ("data.eval_batch_size=0", r"data.eval_batch_size must be an integer >= 1 or null"),
+        ("data.num_workers=-1", r"data.num_workers must be an integer >= 0, got -1"),
+        ("data.mask_threshold=1.5", r"data.mask_threshold must be a number in \[0, 1\)"),
+        ("evaluation.aupro_fpr_limit=0", r"evaluation.aupro_fpr_limit must be a number in \(0, 1\]"),
+        (
+            "evaluation.aupro_num_thresholds=0",
+            r"evaluation.aupro_num_thresholds must be an integer >= 1 or null",
+        ),
     ],
 )
 def test_model_values_are_checked_at_construction(compose_config, tmp_path, override, message):
@@ -61,3 +75,35 @@ def test_bad_evaluation_source_fails_before_the_bank_is_built(compose_config, tm
     with pytest.raises(Exception, match=r"nope"):
         run(compose_config(["+experiment=demo", "dataset.categories=[weave,nope]"]), fit=True)
     assert not list(tmp_path.glob(".cache/banks/*.safetensors"))
+
+
+def test_loader_settings_are_checked_even_when_the_bank_is_cached(compose_config, tmp_path):
+    """A cached bank skips the memory pass, whose loader used to be the only check of the batch size."""
+    from anomret.pipeline import run
+
+    run(compose_config(["+experiment=demo", "logger=none", "callbacks.overlays=null"]), fit=True)
+    assert list(tmp_path.glob(".cache/banks/*.safetensors"))
+    with pytest.raises(ValueError, match=r"data.batch_size must be an integer >= 1, got 0"):
+        run(compose_config(["+experiment=demo", "logger=none", "data.batch_size=0"]), fit=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.eval_batch_size=0", r"data.eval_batch_size must be an integer >= 1"),
+        ("data.num_workers=-2", r"data.num_workers must be an integer >= 0"),
+        ("show_top=-1", r"show_top must be an integer >= 0"),
+        ("model.map_sigma=-1", r"model.map_sigma must be a number >= 0"),
+    ],
+)
+def test_predict_checks_its_settings_before_reading_the_bank(compose_config, tmp_path, override, message):
+    from PIL import Image
+
+    from anomret.pipeline import predict
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    missing = tmp_path / "missing.safetensors"
+    overrides = ["+experiment=demo", f"memory.path={missing}", f"input={tmp_path / 'images'}"]
+    with pytest.raises(ValueError, match=message):
+        predict(compose_config([*overrides, override], config_name="predict"))

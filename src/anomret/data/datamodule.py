@@ -20,6 +20,7 @@ from typing import Any
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from anomret.checks import integer_at_least, number_in
 from anomret.data.dataset import AnomalyDataset, collate_items
 from anomret.data.samples import ANOMALOUS, SampleTable
 from anomret.data.sources import load_source
@@ -69,6 +70,23 @@ class SourceSpec:
         )
 
 
+def check_loader_settings(
+    batch_size: Any, eval_batch_size: Any, num_workers: Any, mask_size: Any = None, mask_threshold: Any = 0.5
+) -> dict[str, Any]:
+    """The ``data=`` settings the loaders use, range-checked (shared with the predict entry point)."""
+    batch_size = integer_at_least(batch_size, "data.batch_size", 1)
+    return {
+        "batch_size": batch_size,
+        "eval_batch_size": integer_at_least(
+            eval_batch_size, "data.eval_batch_size", 1, none="the batch size of the fit pass"
+        )
+        or batch_size,
+        "num_workers": integer_at_least(num_workers, "data.num_workers", 0),
+        "mask_size": integer_at_least(mask_size, "data.mask_size", 1, none="the encoder's crop size"),
+        "mask_threshold": number_in(mask_threshold, "data.mask_threshold", 0.0, 1.0, high_open=True),
+    }
+
+
 class AnomalyDataModule(LightningDataModule):
     """Loads the auxiliary (fit) and evaluation (test) sources with the encoder's preprocessing.
 
@@ -100,14 +118,15 @@ class AnomalyDataModule(LightningDataModule):
         feature_store: FeatureStore | None = None,
     ) -> None:
         super().__init__()
+        settings = check_loader_settings(batch_size, eval_batch_size, num_workers, mask_size, mask_threshold)
         self.dataset_spec = SourceSpec.from_config(dataset)
         self.aux_spec = None if aux_dataset is None else SourceSpec.from_config(aux_dataset)
         self.preprocess = preprocess
-        self.mask_size = mask_size
-        self.mask_threshold = mask_threshold
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.mask_size = settings["mask_size"]
+        self.mask_threshold = settings["mask_threshold"]
+        self.batch_size = settings["batch_size"]
+        self.eval_batch_size = settings["eval_batch_size"]
+        self.num_workers = settings["num_workers"]
         self.pin_memory = pin_memory
         self.shuffle_aux = shuffle_aux
         self.feature_store = feature_store

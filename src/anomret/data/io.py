@@ -10,6 +10,7 @@ rotating an image but not its mask would misalign the ground truth.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from anomret.data.errors import InvalidSampleError
 # Candidate bit depths for integer images stored in containers wider than 8 bits: sensors deliver
 # 10, 12 or 14 significant bits in 16-bit files, and scaling by 65535 would leave them nearly black.
 _BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+# Errors PIL raises for a file it cannot read; DecompressionBombError (an image over PIL's pixel limit)
+# derives from Exception only.
+_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# PIL refuses images over Image.MAX_IMAGE_PIXELS as possible decompression bombs; a trusted dataset of
+# very large images can raise the limit.
+MAX_PIXELS_VARIABLE = "ANOMRET_MAX_IMAGE_PIXELS"
+if os.environ.get(MAX_PIXELS_VARIABLE):
+    Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_VARIABLE])
 
 # PIL decodes multi-band TIFFs with more bits per sample than this by keeping the high byte only.
 _HIGH_DEPTH_TIFF_BITS = 8
@@ -35,8 +46,43 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except _READ_ERRORS as error:
         raise _unreadable(path, error) from error
+
+
+def check_image(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image whose whole file has been checked, not just its header.
+
+    A truncated or corrupt file with an intact header passes :func:`image_size` and fails only when its
+    pixels are decoded, in the middle of a run. The check is complete but cheap where the format allows:
+
+    - PNG: every chunk's checksum up to the end marker (:meth:`PIL.Image.Image.verify`), no decompression
+      (about 0.6 ms for a 1024×1024 image, against 14 ms for a decode);
+    - JPEG: the end-of-image marker is present (a truncated file has none), else a full decode decides;
+    - every other format: a full decode.
+
+    Raises:
+        InvalidSampleError: the file is missing, truncated, corrupt, over the pixel limit or not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            if image.format == "PNG":
+                image.verify()
+            elif image.format != "JPEG" or not _ends_with_jpeg_marker(path):
+                image.load()
+            return size
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from error
+
+
+def _ends_with_jpeg_marker(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        handle.seek(max(0, handle.tell() - 64))
+        tail = handle.read().rstrip(b"\x00\r\n ")
+    return tail.endswith(b"\xff\xd9")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -72,7 +118,7 @@ def read_image(path: str | Path) -> np.ndarray:
                     return array
             image.load()
             return _to_rgb_uint8(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except _READ_ERRORS as error:
         raise _unreadable(path, error) from error
 
 
@@ -99,7 +145,7 @@ def read_mask(path: str | Path) -> np.ndarray:
                 array = np.asarray(image.convert("L"))
             else:
                 array = np.asarray(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except _READ_ERRORS as error:
         raise _unreadable(path, error) from error
     array = np.nan_to_num(array, nan=0.0) if array.dtype.kind == "f" else array
     if array.ndim == 3:
@@ -108,15 +154,19 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 def _unreadable(path: str | Path, error: BaseException) -> InvalidSampleError:
+    """The error for one file that cannot be read; callers add the fix of their context (a dataset index,
+    a prediction folder)."""
     if not Path(path).exists():
+        return InvalidSampleError(f"image file not found: {path}")
+    if isinstance(error, Image.DecompressionBombError):
         return InvalidSampleError(
-            f"image file not found: {path}\n"
-            "Fix: restore the file, or re-index the dataset (python -m anomret.data.prepare NAME ROOT --force)."
+            f"cannot read image file {path}: {error}\n"
+            f"Fix: downscale the image, or raise the limit of {Image.MAX_IMAGE_PIXELS} pixels with "
+            f"{MAX_PIXELS_VARIABLE}=N if the file is trusted."
         )
     return InvalidSampleError(
         f"cannot read image file {path}: {type(error).__name__}: {error}\n"
-        "Fix: the file is truncated, corrupt or not an image; re-download or re-extract it, or remove it "
-        "from the dataset and re-run the prepare command with --force."
+        "The file is truncated, corrupt or not an image."
     )
 
 

@@ -6,7 +6,8 @@ Usage::
     python -m anomret.data.prepare --list
 
 NAME is one of ``DATASETS`` (case-insensitive): mvtec, visa, btad, mpdd, dtd, sdd, ksdd2, dagm,
-headct, brainmri, br35h, isic, colondb, clinicdb, kvasir, endo, realiad, 3dadam. The index has the AnomalyCLIP/MRAD
+headct, brainmri, br35h, isic, colondb, clinicdb, kvasir, endo, realiad, 3dadam; or ``folder`` for any
+folder in MVTec layout with categories of any name (your own images). The index has the AnomalyCLIP/MRAD
 format (:mod:`anomret.data.meta`), so the official codes can read it too. Nothing is copied,
 converted or re-binarised: records point at the published files.
 """
@@ -19,9 +20,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anomret.data.datasets import DATASETS, DatasetSpec, get_spec
+from anomret.cli import user_errors
+from anomret.data.datasets import DATASETS, READERS, DatasetSpec, get_spec
 from anomret.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from anomret.data.meta import META_FILENAME, SPLITS, Meta, write_meta_json
+
+__all__ = ["DATASETS", "READERS", "build_meta", "main", "prepare", "resolve_spec", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,9 @@ def resolve_spec(name: str) -> DatasetSpec:
     spec = get_spec(name)
     if spec is None:
         raise UnknownDatasetError(
-            f"unknown dataset '{name}'; the prepare command knows: {', '.join(DATASETS)}.\n"
-            "Fix: use one of those names; a dataset of your own needs a meta.json written by you "
-            "(see anomret.data.meta)."
+            f"unknown dataset '{name}'; the prepare command knows: {', '.join(READERS)}.\n"
+            "Fix: use one of those names; for your own images in MVTec layout (any category names) use "
+            "'folder': python -m anomret.data.prepare folder ROOT."
         )
     return spec
 
@@ -115,7 +119,7 @@ def summarize(meta: Meta) -> str:
 
 def _list_datasets() -> str:
     lines = []
-    for spec in DATASETS.values():
+    for spec in READERS.values():
         flags = ", ".join(
             flag for flag, on in (("masks", spec.has_masks), ("train split", spec.has_train_split)) if on
         )
@@ -127,10 +131,15 @@ def _list_datasets() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
+    with user_errors(hydra=False):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m anomret.data.prepare",
         description="Write ROOT/meta.json for a downloaded anomaly-detection benchmark.",
-        epilog=f"datasets: {', '.join(DATASETS)} (--list shows layouts and download links)",
+        epilog=f"datasets: {', '.join(READERS)} (--list shows layouts and download links)",
     )
     parser.add_argument("name", nargs="?", help="dataset name (case-insensitive)")
     parser.add_argument("root", nargs="?", help="the dataset folder, as extracted from its archive")

@@ -21,7 +21,7 @@ from anomret.data.errors import (
     UnknownCategoryError,
     format_paths,
 )
-from anomret.data.io import image_size
+from anomret.data.io import check_image
 from anomret.data.meta import META_FILENAME, load_meta, read_meta_json
 from anomret.data.samples import SampleTable
 
@@ -197,14 +197,16 @@ def _check_masks_present(label: str, table: SampleTable) -> None:
 
 
 def validate_samples(samples: SampleTable, *, dataset: str = "dataset") -> None:
-    """Check that every image, and every mask that will be read, exists and that each mask has the
-    size of its image. Only file headers are read, so this stays fast on large datasets.
+    """Check, before any compute, that every image and every mask that will be read exists, can be read
+    whole (a truncated file with an intact header is caught here, not midway through a run) and that each
+    mask has the size of its image. :func:`~anomret.data.io.check_image` keeps this cheap: PNG files
+    are checked by their chunk checksums, JPEG files by their end marker, without decoding.
 
     Masks of normal samples are never read (normal images get an all-zero mask) and are not checked.
 
     Raises:
-        InvalidSampleError: missing files (the first few named, with the count), an unreadable
-            header, or a mask whose size differs from its image's.
+        InvalidSampleError: missing files (the first few named, with the count), an unreadable,
+            truncated or corrupt file, or a mask whose size differs from its image's.
     """
     used = [(sample, sample.mask_path if sample.is_anomalous else None) for sample in samples]
     missing = [sample.image_path for sample, _ in used if not sample.image_path.is_file()]
@@ -217,10 +219,10 @@ def validate_samples(samples: SampleTable, *, dataset: str = "dataset") -> None:
             "python -m anomret.data.prepare NAME ROOT --force."
         )
     for sample, mask in used:
-        size = image_size(sample.image_path)
+        size = _checked(sample.image_path, dataset)
         if mask is None:
             continue
-        mask_size = image_size(mask)
+        mask_size = _checked(mask, dataset)
         if mask_size != size:
             raise InvalidSampleError(
                 f"dataset '{dataset}': mask and image sizes differ: image {sample.image_path} is "
@@ -228,3 +230,16 @@ def validate_samples(samples: SampleTable, *, dataset: str = "dataset") -> None:
                 "Fix: the mask belongs to another image or was resized; correct the pairing in meta.json "
                 "or re-create the mask at the image's size."
             )
+
+
+def _checked(path: Path, dataset: str) -> tuple[int, int]:
+    try:
+        return check_image(path)
+    except InvalidSampleError as error:
+        message = str(error)
+        if "Fix:" not in message:
+            message += (
+                "\nFix: re-download or re-extract the file, or remove it from the dataset and index it again "
+                "(python -m anomret.data.prepare NAME ROOT --force)."
+            )
+        raise InvalidSampleError(f"dataset '{dataset}': {message}") from error

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from anomret.checks import integer_at_least, number_in
 from anomret.metrics import functional
 from anomret.metrics.report import EvaluationResult
 
@@ -102,6 +103,8 @@ class CategoryEvaluator:
         if not requested:
             raise ValueError(f"no metrics requested; valid metrics: {list(METRIC_KEYS)}")
         self.metrics = tuple(key for key in METRIC_KEYS if key in requested)
+        number_in(aupro_fpr_limit, "evaluation.aupro_fpr_limit", 0.0, 1.0, low_open=True)
+        integer_at_least(aupro_num_thresholds, "evaluation.aupro_num_thresholds", 1, none="exact AUPRO")
         self.aupro_settings = functional.resolve_aupro_settings(
             aupro_fpr_limit, aupro_num_thresholds, aupro_fpr_normalization
         )

@@ -26,6 +26,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
+from anomret.checks import integer_at_least, number_in
 from anomret.encoders.base import Encoder, Features
 from anomret.features.extractor import FeatureExtractor
 from anomret.features.store import FeatureStore
@@ -99,6 +100,11 @@ class RetrievalModule(LightningModule):
         super().__init__()
         self.image_score_weight = _check_unit_interval(image_score_weight, "model.image_score_weight")
         self.top_k_ratio = _check_unit_interval(top_k_ratio, "model.top_k_ratio", open_low=True)
+        integer_at_least(map_size, "model.map_size", 1)
+        number_in(map_sigma, "model.map_sigma", 0.0)  # 0: no blur
+        kernel = integer_at_least(map_kernel_size, "model.map_kernel_size", 1, none="scipy's truncate rule")
+        if kernel is not None and kernel % 2 == 0:
+            raise ValueError(f"model.map_kernel_size must be odd, got {kernel}")
         self.encoder = encoder
         self.extractor = FeatureExtractor(encoder)
         self.mapper = AnomalyMapper(map_size, map_sigma, kernel_size=map_kernel_size, padding=map_padding)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomret.checks import integer_at_least, number_in
+
 
 def softmax_retrieve(
     query: Tensor,
@@ -83,6 +85,11 @@ class SoftmaxRetriever:
     normalize_query: bool = True
     query_chunk: int = 4096
     key_chunk: int = 16384
+
+    def __post_init__(self) -> None:
+        number_in(self.tau, "retrieval.tau", 0.0, low_open=True)
+        integer_at_least(self.query_chunk, "retrieval.query_chunk", 1)
+        integer_at_least(self.key_chunk, "retrieval.key_chunk", 1)
 
     def __call__(self, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         if self.normalize_query:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from anomret.data.datasets import adam3d, brain, dagm, isic, kolektor, mvtec, polyp, realiad, visa
+from anomret.data.datasets.custom import FOLDER
 from anomret.data.datasets.layout import DatasetSpec
 
 # The 16 datasets of the MRAD paper, industrial first, in the order of its tables.
@@ -24,8 +25,10 @@ _ALL = {
 }
 
 DATASETS: dict[str, DatasetSpec] = {name: _ALL[name] for name in (*_ORDER, *_RAD_ONLY)}
+# Not a benchmark: any folder in MVTec layout, categories named by their folders (your own images).
+READERS: dict[str, DatasetSpec] = {**DATASETS, FOLDER.name: FOLDER}
 
-_LOOKUP = {alias.lower(): spec for spec in DATASETS.values() for alias in (spec.name, *spec.aliases)}
+_LOOKUP = {alias.lower(): spec for spec in READERS.values() for alias in (spec.name, *spec.aliases)}
 
 
 def get_spec(name: str) -> DatasetSpec | None:
@@ -33,4 +36,4 @@ def get_spec(name: str) -> DatasetSpec | None:
     return _LOOKUP.get(name.strip().lower())
 
 
-__all__ = ["DATASETS", "DatasetSpec", "get_spec"]
+__all__ = ["DATASETS", "FOLDER", "READERS", "DatasetSpec", "get_spec"]

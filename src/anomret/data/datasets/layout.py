@@ -266,6 +266,7 @@ def read_mvtec_category(
     normal = {name.lower() for name in normal_dirs}
     truth_dir = find_dir(category_dir, "ground_truth")
     anomalous_types: set[str] = set()
+    before = len(builder.records())
     for split in splits:
         split_dir = find_dir(category_dir, split)
         if split_dir is None:
@@ -295,6 +296,13 @@ def read_mvtec_category(
                 pairs = pair_by_stem(images, masks, dataset=dataset, mask_dir=found or mask_dir)
             for image in images:
                 builder.add(split, category, image, pairs.get(image), 1, type_dir.name)
+    if len(builder.records()) == before:
+        log.warning(
+            "%s: category folder %s holds no images (looked in %s); it is left out of meta.json",
+            dataset,
+            category_dir,
+            ", ".join(f"{split}/<type>/" for split in splits),
+        )
     if has_masks and truth_dir is not None:
         for type_dir in subdirs(truth_dir):
             name = type_dir.name.lower()
