@@ -45,9 +45,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from anomret.data.errors import DataError
     from anomret.encoders.weights import WeightsUnavailableError
     from anomret.memory.store import BankError
+    from anomret.plugins import MissingPluginError
 
     return (
         DataError,
+        MissingPluginError,
         BankError,
         WeightsUnavailableError,
         ValueError,
@@ -80,6 +82,12 @@ def user_errors(hydra: bool = True) -> Iterator[None]:
     if set_here:
         os.environ["HYDRA_FULL_ERROR"] = os.environ[_PASSED_ON] = "1"
     try:
+        if hydra:
+            # Before Hydra composes: a launcher or sweeper plugin that is not installed is named with
+            # the package to install, instead of Hydra's "Could not find 'hydra/launcher/...'".
+            from anomret.plugins import check_hydra_plugins
+
+            check_hydra_plugins(sys.argv[1:])
         yield
     except user_error_types() as error:
         if debug:

@@ -65,3 +65,13 @@ def test_train_with_a_bad_category_fails_in_seconds_with_the_message_first(tmp_p
 
     result, _ = _train(args, tmp_path, ANOMRET_CACHE_DIR=str(cache), ANOMRET_DEBUG="1")
     assert result.returncode == 1 and "Traceback" in result.stderr and "UnknownCategoryError" in result.stderr
+
+
+def test_a_launcher_plugin_that_is_not_installed_is_named_before_hydra_starts(tmp_path):
+    result, _ = _train(["-m", "+experiment=demo", "hydra/launcher=ray", "seed=1,2"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "error: hydra/launcher=ray needs the Hydra plugin package hydra-ray-launcher"
+    )
+    assert "pip install hydra-ray-launcher" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "logs").exists()

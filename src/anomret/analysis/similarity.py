@@ -34,6 +34,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 from torch import Tensor
 
+from anomret.cli import user_errors
 from anomret.config import config_dir
 from anomret.files import atomic_path, write_text_atomic
 from anomret.memory.labeled import patch_cell_labels
@@ -230,8 +231,13 @@ def similarity_analysis(cfg: DictConfig) -> SimilarityReport:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def similarity(cfg: DictConfig) -> None:
     similarity_analysis(cfg)
+
+
+def main() -> None:
+    with user_errors():
+        similarity()
 
 
 if __name__ == "__main__":

@@ -11,13 +11,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from anomret.cli import user_errors
 from anomret.config import config_dir
 from anomret.pipeline import append_memory
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="append")
-def main(cfg: DictConfig) -> None:
+def append(cfg: DictConfig) -> None:
     append_memory(cfg)
+
+
+def main() -> None:
+    with user_errors():
+        append()
 
 
 if __name__ == "__main__":
