@@ -101,6 +101,60 @@ SKIPPED: dict[str, str] = {
     "python -m anomret.train +experiment=demo +hparams_search=demo_optuna": (
         "three trials: tests/integration/test_launchers.py runs the Optuna sweeper"
     ),
+    "python -m anomret.train +experiment=demo_rad": "tests/integration/test_rad_runs.py runs the RAD demo command",
+    "python -m anomret.train +experiment=demo_rad_fewshot": (
+        "tests/integration/test_rad_runs.py runs the few-shot demo; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=rad_mvtec trainer=gpu": "real DINOv3 weights and MVTec; composes (checked)",
+    "python -m anomret.eval +experiment=rad_mvtec memory.path=BANK": (
+        "the eval form runs above; RAD banks through eval: tests/integration/test_rad_runs.py"
+    ),
+    "python -m anomret.predict +experiment=rad_mvtec memory.path=BANK input=some/images/": (
+        "the predict form runs above; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=demo_rad encoder=clip_vit_b16 encoder.pretrained=null": (
+        "a ViT-B/16 with random weights takes minutes on 2 cores; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=demo_rad encoder=dinov2_vitb14 encoder.pretrained=null": (
+        "a ViT-B/14 with random weights takes minutes on 2 cores; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=demo_mrad_tf encoder=dinov3_vitb16 encoder.pretrained=null": (
+        "a ViT-B/16 with random weights takes minutes on 2 cores; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=mrad_ft_mvtec": "real CLIP weights and VisA; composes (checked)",
+    "python -m anomret.train +experiment=mrad_ft_visa": "real CLIP weights and MVTec; composes (checked)",
+    "python -m anomret.train +experiment=mrad_clip_mvtec": "real CLIP weights and VisA; composes (checked)",
+    "python -m anomret.train +experiment=mrad_clip_visa": "real CLIP weights and MVTec; composes (checked)",
+    "python -m anomret.train +experiment=demo_mrad_ft": (
+        "tests/integration/test_mrad_trained.py runs the demo train and eval commands"
+    ),
+    "python -m anomret.train +experiment=demo_mrad_clip": (
+        "tests/integration/test_mrad_trained.py trains the CLIP demo and reloads its checkpoint"
+    ),
+    "python -m anomret.eval +experiment=mrad_clip_visa ckpt_path=logs/mrad_clip_visa/train/<time>/checkpoints/last.ckpt": (
+        "checkpoint reload through eval: tests/integration/test_mrad_trained.py; composes (checked)"
+    ),
+    "python -m anomret.eval +experiment=mrad_clip_mvtec ckpt_path=.../last.ckpt dataset=mpdd": (
+        "checkpoint reload through eval: tests/integration/test_mrad_trained.py; composes (checked)"
+    ),
+    "python -m anomret.eval -m +experiment=mrad_clip_mvtec ckpt_path=.../last.ckpt dataset=mvtec,visa,btad,mpdd,sdd,ksdd2,dagm,dtd,headct,brainmri,br35h,isic,clinicdb,colondb,kvasir,endo": (
+        "16 real datasets; every job composes (checked)"
+    ),
+    "python -m anomret.predict +experiment=mrad_clip_mvtec ckpt_path=.../last.ckpt input=/images/line3": (
+        "the predict form runs above; composes (checked)"
+    ),
+    "python -m anomret.train +experiment=mrad_clip_mvtec model.official_checkpoint=/path/mrad_clip_final.pth": (
+        "official checkpoint files: tests/integration/test_mrad_trained.py; composes (checked)"
+    ),
+    "python -m anomret.eval +experiment=mrad_ft_mvtec model.official_checkpoint=/path/mrad_ft_final.pth memory.path=BANK": (
+        "official checkpoint files: tests/integration/test_mrad_trained.py; composes (checked)"
+    ),
+    "python -m anomret.analysis.similarity +experiment=mrad_ft_mvtec ckpt_path=.../last.ckpt": (
+        "tests/integration/test_mrad_trained.py runs the analysis on a trained checkpoint"
+    ),
+    "python -m anomret.analysis.similarity -m +experiment=mrad_ft_mvtec ckpt_path=.../last.ckpt dataset=mvtec,btad,mpdd,isic": (
+        "real datasets; the analysis runs in tests/integration/test_mrad_trained.py"
+    ),
 }
 
 
@@ -140,7 +194,7 @@ def _check_composes(command: str) -> int:
     config_name = {"anomret.train": "config", "anomret.eval": "eval", "anomret.predict": "predict"}[words[2]]
     overrides = [w for w in words[3:] if w != "-m" and not w.startswith("hydra/launcher")]
     overrides = [w for w in overrides if not w.startswith("hydra.launcher.")]
-    overrides = [w.replace("<bank>", "bank") for w in overrides]
+    overrides = [re.sub(r"<(\w+)>", r"\1", w) for w in overrides]  # placeholders such as <bank>, <time>
     jobs = _jobs(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
