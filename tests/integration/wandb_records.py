@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,27 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def read_offline_run(run_dir: Path) -> OfflineRun:
+def _records(log_file: Path, wait_s: float) -> list[bytes]:
+    """The file's records once the run's ``exit`` record is in it (at most ``wait_s`` seconds later).
+
+    ``wandb.finish()`` returns when the service has the records; on a loaded machine the file can lag.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _chunks(log_file.read_bytes())
+        last = wandb_internal_pb2.Record()
+        if records:
+            last.ParseFromString(records[-1])
+        if last.WhichOneof("record_type") == "exit" or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> OfflineRun:
     """Parse ``<run_dir>/run-*.wandb`` (``run_dir`` = ``wandb/offline-run-*``)."""
     log_file = next(Path(run_dir).glob("run-*.wandb"))
     run = OfflineRun(files_dir=Path(run_dir) / "files")
-    for raw in _chunks(log_file.read_bytes()):
+    for raw in _records(log_file, wait_s):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
