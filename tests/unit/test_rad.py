@@ -335,7 +335,7 @@ def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_p
 def test_rows_of_a_process_that_are_not_visible_here_are_a_clear_error(tmp_path):
     info = SpillInfo(str(tmp_path / "elsewhere"), "otherhost", {"patches.1": ("float16", (2, 4, 4, 16))})
     with pytest.raises(BankError, match=r"storage every process shares.*memory\.cache_dir"):
-        info.open("patches.1")
+        info.file("patches.1")
 
 
 def test_other_kind_and_missing_layers_are_refused(tmp_path):

@@ -425,13 +425,27 @@ class _MergedState:
         return MergedRows(name, self.parts, self.part, self.row, self.owner)
 
 
-def _row_pieces(array: StoredArray | None, chunk: int = 64) -> Iterator[Tensor]:
-    """A stored array's rows in slices, read from disk slice by slice when memory-mapped."""
+_PIECE_BYTES = 16 * 2**20  # a streamed save holds about this much of a tensor at a time
+
+
+def _row_pieces(array: StoredArray | None) -> Iterator[Tensor]:
+    """A stored array's rows in slices of at most ~16 MiB, read from disk slice by slice when on disk."""
     if array is None:
         return
+    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(_numpy_dtype(array)).itemsize
+    chunk = max(1, _PIECE_BYTES // max(1, row_bytes))
     for start in range(0, int(array.shape[0]), chunk):
         piece = array[start : start + chunk]
-        yield piece if isinstance(piece, Tensor) else torch.from_numpy(np.array(piece))
+        if isinstance(piece, Tensor):
+            yield piece
+        else:  # a memory map's slice is copied into memory; a slice read from scratch files already is
+            yield torch.from_numpy(piece if type(piece) is np.ndarray else np.array(piece))
+
+
+def _numpy_dtype(array: StoredArray) -> np.dtype:
+    if isinstance(array, Tensor):
+        return torch.empty(0, dtype=array.dtype).numpy().dtype
+    return np.dtype(array.dtype)
 
 
 def write_concatenated(

@@ -1,9 +1,9 @@
 """A memory pass's large rows, written to disk as they arrive, so that building a bank holds one batch.
 
 Each process appends every batch's rows, already in their stored dtype, to one raw file per tensor in a
-scratch directory beside the bank (:class:`RowSpill`). Once the pass ends the files are memory-mapped, and
-:class:`MergedRows` shows several processes' files as one array in dataset order (each image once), which
-the bank's streamed save reads slice by slice. Only small things travel between processes: indices,
+scratch directory beside the bank (:class:`RowSpill`). Once the pass ends, :class:`MergedRows` shows
+several processes' files as one array in dataset order (each image once), which the bank's streamed save
+reads slice by slice with plain file reads (mapped pages would count as the process's resident memory). Only small things travel between processes: indices,
 global keys and a :class:`SpillInfo` naming each process's directory, which must therefore lie on storage
 every process sees (the bank's own directory, which rank 0 writes and every process then reads).
 
@@ -40,8 +40,8 @@ class SpillInfo:
     def rows(self) -> int:
         return next(iter(self.tensors.values()))[1][0] if self.tensors else 0
 
-    def open(self, name: str) -> np.ndarray:
-        """The rows of ``name``, memory-mapped read-only."""
+    def file(self, name: str) -> Path:
+        """The file of ``name``'s rows (raises a clear error when this process cannot see it)."""
         directory = Path(self.directory)
         if not directory.is_dir():
             raise BankError(
@@ -50,10 +50,7 @@ class SpillInfo:
                 "on storage every process shares. Fix: set memory.cache_dir (or memory.path) to a shared "
                 "directory."
             )
-        dtype, shape = self.tensors[name]
-        if shape[0] == 0:
-            return np.zeros(shape, dtype=dtype)
-        return np.memmap(directory / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
+        return directory / f"{name}.bin"
 
 
 class RowSpill:
@@ -131,15 +128,34 @@ class MergedRows:
         self.owner = owner  # this process's spill: its files live at least as long as these rows
         self.dtype = np.dtype(dtype)
         self.shape = (int(part.shape[0]), *row_shape)
-        self._maps: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _map(self, part: int) -> np.ndarray:
-        if part not in self._maps:  # opened on first read: processes that never read open nothing
-            self._maps[part] = self.parts[part].open(self.name)
-        return self._maps[part]
+    def _read(self, part: int, rows: np.ndarray, out: np.ndarray) -> None:
+        """Read rows ``rows`` of one part into ``out`` by plain file reads, one per run of consecutive rows.
+
+        Not memory-mapped: mapped pages would count as this process's resident memory, and a save reads
+        every row once."""
+        row_bytes = out[0].nbytes if len(out) else 0
+        in_order = bool((np.diff(rows) > 0).all())
+        order = None if in_order else np.argsort(rows, kind="stable")
+        ordered = rows if order is None else rows[order]
+        buffer = out if order is None else np.empty_like(out)
+        starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # where a run of consecutive rows starts
+        ends = np.append(starts[1:], len(ordered))
+        path = self.parts[part].file(self.name)
+        with open(path, "rb", buffering=0) as handle:
+            for first, last in zip(starts.tolist(), ends.tolist(), strict=True):
+                handle.seek(int(ordered[first]) * row_bytes)
+                target = memoryview(buffer[first:last]).cast("B")
+                while target:  # a raw read may return fewer bytes than asked
+                    count = handle.readinto(target)
+                    if not count:
+                        raise BankError(f"{path} holds fewer rows than its process wrote")
+                    target = target[count:]
+        if order is not None:
+            out[order] = buffer
 
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         positions = (
@@ -149,7 +165,12 @@ class MergedRows:
         out = np.empty((len(positions), *self.shape[1:]), dtype=self.dtype)
         for part in np.unique(parts).tolist():
             chosen = parts == part
-            out[chosen] = self._map(part)[rows[chosen]]
+            if chosen.all():
+                self._read(part, rows, out)
+            else:
+                block = np.empty((int(chosen.sum()), *self.shape[1:]), dtype=self.dtype)
+                self._read(part, rows[chosen], block)
+                out[chosen] = block
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
