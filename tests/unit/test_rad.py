@@ -332,6 +332,42 @@ def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
 
 
+_MEASURED_BUILD = """
+import resource, sys, torch
+from pathlib import Path
+from anomret.encoders.base import Features
+from anomret.memory.normal import NormalBankBuilder
+target, n, batch = Path(sys.argv[1]), 256, 8
+builder = NormalBankBuilder((1, 2), "fp32", target)
+for start in range(0, n, batch):
+    generator = torch.Generator().manual_seed(start)
+    grids = {layer: torch.randn(batch, 16, 16, 256, generator=generator) for layer in (1, 2)}
+    builder.add(Features(torch.randn(batch, 256, generator=generator), grids), {"index": torch.arange(start, start + batch)})
+    del grids
+    if start == 0:  # after one batch: torch and the allocator are warm
+        first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+builder.build({"build": {"layers": [1, 2], "dtype": "fp32"}}).save(target)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - first) * 1024)
+"""
+
+
+def test_building_a_bank_holds_about_one_batch_in_memory_not_the_bank(tmp_path):
+    target = tmp_path / "bank.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(anomret.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED_BUILD, str(target)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    growth = int(done.stdout.split()[-1])
+    bank_bytes = target.stat().st_size
+    assert bank_bytes > 128 * 2**20  # 256 images × 2 layers × 16×16×256 fp32
+    # One batch of features is 4 MiB; holding the rows (as an in-memory build does) would add 128 MiB.
+    assert growth < bank_bytes / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB while building"
+
+
 def test_rows_of_a_process_that_are_not_visible_here_are_a_clear_error(tmp_path):
     info = SpillInfo(str(tmp_path / "elsewhere"), "otherhost", {"patches.1": ("float16", (2, 4, 4, 16))})
     with pytest.raises(BankError, match=r"storage every process shares.*memory\.cache_dir"):

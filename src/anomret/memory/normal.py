@@ -37,7 +37,7 @@ from torch import Tensor
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
 from anomret.memory.base import MemorySettings, positive_or_none
-from anomret.memory.spill import MergedRows, RowSpill, SpillInfo
+from anomret.memory.spill import MergedRows, RowSpill, SpillInfo, release_freed_memory
 from anomret.memory.store import (
     BankError,
     StreamedTensor,
@@ -336,6 +336,8 @@ class NormalBankBuilder:
             self._spill.append(f"patches.{layer}", values)
             if scales is not None:
                 self._spill.append(f"scales.{layer}", scales)
+            del grid, values, scales
+        release_freed_memory()  # this batch's buffers are freed: keep the pass at one batch in RAM
 
     def state(self) -> dict[str, Any]:
         """Indices and global keys of this process's rows, and where its patch rows are on disk."""
@@ -425,11 +427,11 @@ class _MergedState:
         return MergedRows(name, self.parts, self.part, self.row, self.owner)
 
 
-_PIECE_BYTES = 16 * 2**20  # a streamed save holds about this much of a tensor at a time
+_PIECE_BYTES = 4 * 2**20  # a streamed save holds about this much of a tensor at a time
 
 
 def _row_pieces(array: StoredArray | None) -> Iterator[Tensor]:
-    """A stored array's rows in slices of at most ~16 MiB, read from disk slice by slice when on disk."""
+    """A stored array's rows in slices of at most ~4 MiB, read from disk slice by slice when on disk."""
     if array is None:
         return
     row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(_numpy_dtype(array)).itemsize
