@@ -81,12 +81,18 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def _named_by_a_writer(name: str) -> list[str] | None:
+    # ".<target>.<host>-<pid>.<random>.tmp" -> [".<target>", "<host>-<pid>", "<random>"]
+    parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
+    return parts if len(parts) == 3 and "-" in parts[1] else None
+
+
 def _writer_is_gone(name: str, now: float, mtime: float) -> bool:
     if now - mtime > STALE_AFTER_S:
         return True
-    # ".<target>.<host>-<pid>.<random>.tmp": only a writer on this host can be checked.
-    parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
-    if len(parts) != 3 or "-" not in parts[1]:
+    # Only a writer on this host can be checked.
+    parts = _named_by_a_writer(name)
+    if parts is None:
         return False
     host, _, pid = parts[1].rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
@@ -121,6 +127,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
         try:
             if candidate.is_symlink() or not (candidate.is_file() or candidate.is_dir()):
                 continue
+            if candidate.is_dir() and _named_by_a_writer(candidate.name) is None:
+                continue  # a directory is removed only when its name says a writer made it
             if _writer_is_gone(candidate.name, now, _last_modified(candidate)):
                 if candidate.is_dir():
                     shutil.rmtree(candidate)

@@ -60,13 +60,15 @@ def test_scratch_directories_of_dead_writers_are_removed_and_live_ones_kept(tmp_
     assert live.name.startswith(f".bank.safetensors.{socket.gethostname()}-{os.getpid()}.")
     dead = tmp_path / f".bank.safetensors.{socket.gethostname()}-999999999.abc.tmp"
     other_host = tmp_path / ".bank.safetensors.otherhost-12.def.tmp"
-    for directory in (live, dead, other_host):
+    not_ours = tmp_path / ".cache.tmp"  # an old hidden directory no writer named: never removed
+    for directory in (live, dead, other_host, not_ours):
         directory.mkdir(exist_ok=True)
         (directory / "patches.1.bin").write_bytes(b"rows")
     # Another host's directory counts as abandoned only when neither it nor its files changed for a day.
     two_days_ago = time.time() - 2 * 24 * 3600
-    os.utime(other_host, (two_days_ago, two_days_ago))
+    for path in (other_host, not_ours, not_ours / "patches.1.bin"):
+        os.utime(path, (two_days_ago, two_days_ago))
     assert remove_stale_temporaries(tmp_path) == [dead]
     os.utime(other_host / "patches.1.bin", (two_days_ago, two_days_ago))
     assert remove_stale_temporaries(tmp_path) == [other_host]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, not_ours.name])

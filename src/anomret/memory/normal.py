@@ -326,7 +326,7 @@ class NormalBankBuilder:
                 f"the encoder did not return layers {missing} (it returned {list(features.patches)})"
             )
         if self._spill is None:
-            beside = self.beside or Path(tempfile.gettempdir()) / "anomret-normal-bank"
+            beside = self.beside or Path(tempfile.gettempdir()) / "anomret" / "normal-bank"
             self._spill = RowSpill(Path(beside))
         self._index.append(torch.as_tensor(batch["index"]).reshape(-1).cpu().long())
         self._cls.append(F.normalize(features.cls.detach().float(), dim=-1).cpu())
