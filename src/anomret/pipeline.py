@@ -162,9 +162,9 @@ def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
 
 
 class _MemoryPasses:
-    """Runs memory passes (``passes(samples)`` returns the bank built from them); on leaving the block,
-    their builders' scratch files are removed (kinds that build into scratch files, ``streams_build``).
-    Leave it only once every process is past the write that reads them."""
+    """Runs memory passes (calling it with samples returns the bank built from them); on leaving the
+    block, the builders are closed, which removes the scratch files of kinds that build into them
+    (``streams_build``). Leave it only once every process is past the write that reads them."""
 
     def __init__(
         self,

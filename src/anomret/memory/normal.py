@@ -12,7 +12,9 @@ The file is an ordinary anomret bank (:mod:`anomret.memory.store`: safetensors, 
 writes). Loaded with ``mmap`` (the default), only ``cls`` and ``category`` are read; the patch grids
 stay on disk and retrieval reads the rows of the K retrieved images only, so the bank need fit in
 neither RAM nor GPU memory. Cosine similarity ignores a vector's length, so int8 rows (one positive
-scale per vector) score exactly as their dequantised values.
+scale per vector) score exactly as their dequantised values. Building is bounded too: the memory pass
+writes each batch's rows to scratch files beside the bank as they arrive (:class:`NormalBankBuilder`),
+and the file is written from them piece by piece.
 
 A bank built from some categories can be extended with the normal images of new ones
 (:func:`append_images`): only the new images are encoded, and the result has the same rows and
