@@ -9,15 +9,25 @@ Part 2 (paper shape): a random bank of N images with four 28×28×768 layers is 
 opened memory-mapped, and the full RAD score of a test image (global top-K, 4 layers of windowed 1-NN,
 layer mean) is timed; the largest score difference against fp32 is reported.
 
+Part 3 (building): a bank of ``--build-images`` random images of that shape is built through the real
+builder (``add`` per batch, the gathered states merged, ``build``, ``save``) in fresh processes, one or
+``--build-world`` gloo processes (the DDP merge), and each process's peak RSS is reported. Run it with
+``PYTHONPATH`` pointing at another checkout to measure that checkout's builder.
+
     cd experiments/benchmarks
     python bench_rad_memory.py [--n-bank 160] [--k 150] [--rho 1] [--images 2] [--repeats 2] [--device cpu|cuda]
-        [--skip-synthetic] [--skip-paper-shape] [--json out.json]
+        [--skip-synthetic] [--skip-paper-shape] [--skip-build] [--build-images 128] [--build-batch 8]
+        [--build-world 1 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -130,7 +140,111 @@ def paper_shape(
     return out
 
 
+PAPER_LAYERS, PAPER_GRID, PAPER_DIM = (3, 6, 9, 11), 28, 768
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _build_worker(rank: int, world: int, port: int, args: dict) -> None:
+    """One process of a bank build: encode this process's share batch by batch, merge, rank 0 saves."""
+    import torch.distributed as dist
+
+    from anomret.distributed import all_gather
+    from anomret.encoders.base import Features
+    from anomret.memory.normal import NormalBankBuilder
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    baseline = _rss_mib()
+    path = Path(args["path"])
+    builder = NormalBankBuilder(PAPER_LAYERS, args["dtype"])
+    if "beside" in getattr(NormalBankBuilder, "__dataclass_fields__", {}):
+        builder.beside = path  # scratch files beside the bank, as the pipeline places them
+    n, batch = args["images"], args["batch"]
+    for number, start in enumerate(range(0, n, batch)):
+        if number % world != rank:  # strided shares, as a distributed sampler deals batches
+            continue
+        size = min(batch, n - start)
+        gen = torch.Generator().manual_seed(start)  # the same rows whichever process encodes them
+        features = Features(
+            cls=torch.randn(size, PAPER_DIM, generator=gen),
+            patches={
+                layer: torch.randn(size, PAPER_GRID, PAPER_GRID, PAPER_DIM, generator=gen)
+                for layer in PAPER_LAYERS
+            },
+        )
+        builder.add(features, {"index": torch.arange(start, start + size)})
+        del features
+    after_pass = _peak_rss_mib()
+    builder.load_states(all_gather(builder.state()))
+    bank = builder.build({"build": {"layers": list(PAPER_LAYERS), "dtype": args["dtype"]}})
+    if rank == 0:
+        bank.save(path)
+    if world > 1:
+        dist.barrier()
+    del bank
+    if hasattr(builder, "close"):
+        builder.close()
+    report = {"baseline_mib": baseline, "peak_after_pass_mib": after_pass, "peak_mib": _peak_rss_mib()}
+    Path(args["out"]).with_suffix(f".{rank}.json").write_text(json.dumps(report))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _build_child(spec: str) -> None:
+    import torch.multiprocessing as mp
+
+    args = json.loads(spec)
+    world = args["world"]
+    if world == 1:
+        _build_worker(0, 1, 0, args)
+    else:
+        mp.spawn(_build_worker, args=(world, args["port"], args), nprocs=world, join=True)
+
+
+def build_rss(work: Path, images: int, batch: int, worlds: list[int], dtype: str = "fp16") -> list[dict]:
+    """Peak RSS of building a bank of ``images`` random paper-shape images, in fresh processes."""
+    out = []
+    for world in worlds:
+        path, report = work / f"build_{world}.safetensors", work / f"build_{world}"
+        spec = {
+            "path": str(path),
+            "out": str(report),
+            "images": images,
+            "batch": batch,
+            "dtype": dtype,
+            "world": world,
+            "port": 29500 + os.getpid() % 1000,
+        }
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--build-child", json.dumps(spec)], check=True)
+        seconds = time.perf_counter() - start
+        ranks = [json.loads(report.with_suffix(f".{rank}.json").read_text()) for rank in range(world)]
+        leftovers = [p.name for p in work.iterdir() if p.name.startswith(f".{path.name}")]
+        out.append(
+            {
+                "world": world,
+                "bank_mib": path.stat().st_size / 2**20,
+                "batch_features_mib": batch * len(PAPER_LAYERS) * PAPER_GRID**2 * PAPER_DIM * 4 / 2**20,
+                "seconds": seconds,
+                "ranks": ranks,
+                "scratch_left": leftovers,
+            }
+        )
+        path.unlink()
+    return out
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--build-child":
+        _build_child(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -142,6 +256,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-paper-shape", action="store_true")
+    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--build-images", type=int, default=128)
+    parser.add_argument("--build-batch", type=int, default=8)
+    parser.add_argument("--build-world", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -177,6 +295,20 @@ def main() -> None:
                     f"| {dtype} | {values['bytes_per_image'] / 2**20:.2f} | {values['seconds_per_image']:.2f} | "
                     f"{values['rows_read_per_layer_per_run']} | {values['max_abs_diff_vs_fp32']:.1e} |"
                 )
+        if not args.skip_build:
+            builds = build_rss(work, args.build_images, args.build_batch, args.build_world)
+            report["build"] = builds
+            print(
+                f"\nbuilding (4 layers × 28×28×768, N={args.build_images}, fp16, batches of "
+                f"{args.build_batch}): peak RSS per process"
+            )
+            print("| processes | bank (MiB) | baseline RSS (MiB) | peak after pass | peak (MiB) | s |")
+            for values in builds:
+                for rank, rss in enumerate(values["ranks"]):
+                    print(
+                        f"| {values['world']} (rank {rank}) | {values['bank_mib']:.0f} | {rss['baseline_mib']:.0f} | "
+                        f"{rss['peak_after_pass_mib']:.0f} | {rss['peak_mib']:.0f} | {values['seconds']:.0f} |"
+                    )
     print("\n" + report["machine"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -3,7 +3,8 @@
 A file is written to a temporary sibling and renamed into place, so a killed run never leaves a file
 that looks complete, and concurrent readers see either the old file or the new one. The temporary
 name records host and process id, so leftovers of a killed writer are recognised and removed later
-without touching a live writer's file. Files get the permissions the umask allows (``mkstemp`` alone
+without touching a live writer's file. Scratch directories a writer fills before producing its file
+(:func:`scratch_directory`) are named the same way and cleaned the same way. Files get the permissions the umask allows (``mkstemp`` alone
 would make them ``0600``, unreadable to colleagues on shared storage).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -61,18 +63,36 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         yield handle
 
 
+def scratch_directory(path: str | os.PathLike[str]) -> Path:
+    """A new, empty directory beside ``path`` for the scratch data of the writer that will produce ``path``.
+
+    The caller removes it when done; a killed writer's directory is found and removed later by
+    :func:`remove_stale_temporaries`, as its temporary files are. It is hidden and never has the name of
+    the finished file, so nothing in it is mistaken for a complete result.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=_TMP_SUFFIX, dir=path.parent))
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
 
 
+def _named_by_a_writer(name: str) -> list[str] | None:
+    # ".<target>.<host>-<pid>.<random>.tmp" -> [".<target>", "<host>-<pid>", "<random>"]
+    parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
+    return parts if len(parts) == 3 and "-" in parts[1] else None
+
+
 def _writer_is_gone(name: str, now: float, mtime: float) -> bool:
     if now - mtime > STALE_AFTER_S:
         return True
-    # ".<target>.<host>-<pid>.<random>.tmp": only a writer on this host can be checked.
-    parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
-    if len(parts) != 3 or "-" not in parts[1]:
+    # Only a writer on this host can be checked.
+    parts = _named_by_a_writer(name)
+    if parts is None:
         return False
     host, _, pid = parts[1].rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
@@ -86,8 +106,18 @@ def _writer_is_gone(name: str, now: float, mtime: float) -> bool:
     return False
 
 
+def _last_modified(candidate: Path) -> float:
+    # A scratch directory's own time changes only when entries are added: its files' times count too.
+    if not candidate.is_dir():
+        return candidate.stat().st_mtime
+    times = [candidate.stat().st_mtime]
+    times += [entry.stat().st_mtime for entry in candidate.iterdir()]
+    return max(times)
+
+
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files left in ``directory`` by writers that were killed; returns them."""
+    """Delete temporary files and scratch directories left in ``directory`` by writers that were killed;
+    returns them."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -95,11 +125,18 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     now = time.time()
     for candidate in directory.glob(f".*{_TMP_SUFFIX}"):
         try:
-            if candidate.is_file() and _writer_is_gone(candidate.name, now, candidate.stat().st_mtime):
-                candidate.unlink()
+            if candidate.is_symlink() or not (candidate.is_file() or candidate.is_dir()):
+                continue
+            if candidate.is_dir() and _named_by_a_writer(candidate.name) is None:
+                continue  # a directory is removed only when its name says a writer made it
+            if _writer_is_gone(candidate.name, now, _last_modified(candidate)):
+                if candidate.is_dir():
+                    shutil.rmtree(candidate)
+                else:
+                    candidate.unlink()
                 removed.append(candidate)
         except FileNotFoundError:
             continue  # removed by someone else meanwhile
     if removed:
-        log.info("removed %d abandoned temporary file(s) in %s", len(removed), directory)
+        log.info("removed %d abandoned temporary file(s) or directories in %s", len(removed), directory)
     return removed

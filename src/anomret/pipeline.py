@@ -161,18 +161,39 @@ def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
     return cfg.aux_dataset
 
 
-def _memory_pass(
-    settings: MemorySettings,
-    model: RetrievalModule,
-    datamodule: Any,
-    trainer: lightning.Trainer,
-    samples: Any,
-    metadata: dict[str, Any],
-) -> MemoryBank:
-    memory_pass = MemoryPass(model.extractor, settings.builder(model.encoder))
-    loader = datamodule.memory_dataloader(samples)
-    trainer.predict(memory_pass, dataloaders=loader, return_predictions=False)
-    return memory_pass.builder.build({**metadata, **settings.describe_source(samples)})
+class _MemoryPasses:
+    """Runs memory passes (calling it with samples returns the bank built from them); on leaving the
+    block, the builders are closed, which removes the scratch files of kinds that build into them
+    (``streams_build``). Leave it only once every process is past the write that reads them."""
+
+    def __init__(
+        self,
+        settings: MemorySettings,
+        model: RetrievalModule,
+        datamodule: Any,
+        trainer: lightning.Trainer,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.settings, self.model, self.datamodule, self.trainer = settings, model, datamodule, trainer
+        self.metadata = metadata
+        self.builders: list[Any] = []
+
+    def __call__(self, samples: Any) -> MemoryBank:
+        builder = self.settings.builder(self.model.encoder)
+        self.builders.append(builder)
+        memory_pass = MemoryPass(self.model.extractor, builder)
+        loader = self.datamodule.memory_dataloader(samples)
+        self.trainer.predict(memory_pass, dataloaders=loader, return_predictions=False)
+        return builder.build({**self.metadata, **self.settings.describe_source(samples)})
+
+    def __enter__(self) -> _MemoryPasses:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for builder in self.builders:
+            close = getattr(builder, "close", None)
+            if close is not None:
+                close()
 
 
 def get_or_build_bank(
@@ -194,28 +215,33 @@ def get_or_build_bank(
     )
     model.check_memory_size(len(samples))  # e.g. K larger than the memory: refused before any compute
     bank = None
-    if getattr(settings, "append", False) and plan.path.exists() and not settings.rebuild:
-        from anomret.memory.normal import append_images
+    with _MemoryPasses(settings, model, datamodule, trainer, plan.metadata) as memory_pass:
+        if getattr(settings, "append", False) and plan.path.exists() and not settings.rebuild:
+            from anomret.memory.normal import append_images
 
-        def encode(part: Any) -> MemoryBank:
-            return _memory_pass(settings, model, datamodule, trainer, part, plan.metadata)
-
-        added = append_images(
-            settings, plan.path, plan.metadata, samples, encode, write=trainer.is_global_zero
-        )
-        if added:
-            trainer.strategy.barrier()  # the other processes open the file once it is whole
-        # The user named this bank and asked to extend it: it is used as it is now (its row order may
-        # differ from a fresh build's when the new images sort before the old ones).
-        bank = settings.open(plan.path)
-        log.info("memory bank %s (append mode): %s", plan.path, bank.summary())
-    if bank is None:
-        bank = find_bank(settings, plan)
-    if bank is None:
-        bank = _memory_pass(settings, model, datamodule, trainer, samples, plan.metadata)
-        if trainer.is_global_zero:
-            bank.save(plan.path)
-        log.info("built memory bank %s: %s", plan.path, bank.summary())
+            added = append_images(
+                settings, plan.path, plan.metadata, samples, memory_pass, write=trainer.is_global_zero
+            )
+            if added:
+                # The other processes open the file once it is whole, and keep their scratch files
+                # until rank 0 has read them.
+                trainer.strategy.barrier()
+            # The user named this bank and asked to extend it: it is used as it is now (its row order may
+            # differ from a fresh build's when the new images sort before the old ones).
+            bank = settings.open(plan.path)
+            log.info("memory bank %s (append mode): %s", plan.path, bank.summary())
+        if bank is None:
+            bank = find_bank(settings, plan)
+        if bank is None:
+            bank = memory_pass(samples)
+            if trainer.is_global_zero:
+                bank.save(plan.path)
+            if settings.streams_build:
+                # Rank 0 has read every process's scratch files and the file is whole: every process
+                # uses the saved bank, and the scratch files go when the block ends.
+                trainer.strategy.barrier()
+                bank = settings.open(plan.path)
+            log.info("built memory bank %s: %s", plan.path, bank.summary())
     return bank, bank_info(plan.path, bank)
 
 

@@ -44,6 +44,7 @@ def test_demo_rad_command_writes_results_overlays_and_a_normal_bank(tmp_path, da
 def test_eval_with_the_saved_bank_reproduces_the_run_and_k_is_checked_first(compose_config, tmp_path):
     bank = tmp_path / "rad.safetensors"
     trained = run(compose_config(["+experiment=demo_rad", f"memory.path={bank}"]), fit=True)
+    assert not list(tmp_path.glob(".*.tmp")), "the memory pass's scratch files are removed"
     evaluated = run(compose_config(["+experiment=demo_rad", f"memory.path={bank}"], "eval"), fit=False)
     assert evaluated.per_category == trained.per_category
     assert evaluated.settings["retrieval"]["k_used"] == 8
@@ -141,7 +142,9 @@ def test_rad_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
             data_dir,
         )
         results[name] = json.loads((run_dir / "results.json").read_text())
-        results[name]["bank"] = load_file(json.loads((run_dir / "artifacts.json").read_text())["bank"])
+        bank = Path(json.loads((run_dir / "artifacts.json").read_text())["bank"])
+        results[name]["bank"] = load_file(bank)
+        assert not list(bank.parent.glob(".*.tmp")), "every process's scratch files are removed"
     one, two = results["single"], results["ddp"]
     for category, values in one["categories"].items():
         assert two["categories"][category]["n_images"] == values["n_images"] == 14

@@ -4,7 +4,13 @@ import time
 
 import pytest
 
-from anomret.files import atomic_open, atomic_path, remove_stale_temporaries, write_text_atomic
+from anomret.files import (
+    atomic_open,
+    atomic_path,
+    remove_stale_temporaries,
+    scratch_directory,
+    write_text_atomic,
+)
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
@@ -47,3 +53,22 @@ def test_atomic_path_names_its_temporary_after_host_and_process(tmp_path):
         assert tmp.name.startswith(f".x.bin.{socket.gethostname()}-{os.getpid()}.")
         tmp.write_bytes(b"1")
     assert (tmp_path / "x.bin").read_bytes() == b"1"
+
+
+def test_scratch_directories_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    live = scratch_directory(tmp_path / "bank.safetensors")
+    assert live.name.startswith(f".bank.safetensors.{socket.gethostname()}-{os.getpid()}.")
+    dead = tmp_path / f".bank.safetensors.{socket.gethostname()}-999999999.abc.tmp"
+    other_host = tmp_path / ".bank.safetensors.otherhost-12.def.tmp"
+    not_ours = tmp_path / ".cache.tmp"  # an old hidden directory no writer named: never removed
+    for directory in (live, dead, other_host, not_ours):
+        directory.mkdir(exist_ok=True)
+        (directory / "patches.1.bin").write_bytes(b"rows")
+    # Another host's directory counts as abandoned only when neither it nor its files changed for a day.
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (other_host, not_ours, not_ours / "patches.1.bin"):
+        os.utime(path, (two_days_ago, two_days_ago))
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    os.utime(other_host / "patches.1.bin", (two_days_ago, two_days_ago))
+    assert remove_stale_temporaries(tmp_path) == [other_host]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, not_ours.name])

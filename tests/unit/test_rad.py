@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import anomret
 from anomret.data.samples import Sample, SampleTable
 from anomret.encoders.base import Features
 from anomret.encoders.timm_vit import TimmViTEncoder
@@ -22,6 +30,7 @@ from anomret.memory.normal import (
     quantize_int8,
     select_images,
 )
+from anomret.memory.spill import SpillInfo
 from anomret.memory.store import BankError
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.models.rad import RAD
@@ -217,27 +226,152 @@ def test_memory_mapped_scoring_reads_only_the_k_retrieved_images(tmp_path):
     assert all(bank.patches[layer].rows_read == 3 for layer in LAYERS)
 
 
-def test_builder_merges_process_states_each_image_once():
-    features = random_features(6, seed=10)
-    one = NormalBankBuilder(LAYERS, "fp16")
-    one.add(features, {"index": torch.arange(6)})
-    # Two processes, interleaved shares, one image repeated by a padding sampler.
-    first, second = NormalBankBuilder(LAYERS, "fp16"), NormalBankBuilder(LAYERS, "fp16")
-    pick = lambda rows: Features(features.cls[rows], {k: v[rows] for k, v in features.patches.items()})  # noqa: E731
-    first.add(pick([0, 2, 4]), {"index": torch.tensor([0, 2, 4])})
-    second.add(pick([1, 3, 5, 0]), {"index": torch.tensor([1, 3, 5, 0])})
-    merged = NormalBankBuilder(LAYERS, "fp16")
-    merged.load_states([first.state(), second.state()])
-    shuffled = NormalBankBuilder(LAYERS, "fp16")  # one process whose rows came out of order
-    shuffled.add(pick([3, 0, 5, 1, 2, 4]), {"index": torch.tensor([3, 0, 5, 1, 2, 4])})
-    alone = NormalBankBuilder(LAYERS, "fp16")
-    alone.load_states([shuffled.state()])
-    single = NormalBankBuilder(LAYERS, "fp16")
-    single.load_states([one.state()])
-    for builder in (merged, alone, single):
-        assert set(builder.state()) == set(one.state())
-        for name, tensor in one.state().items():
-            assert torch.equal(builder.state()[name], tensor), name
+def _pick(features: Features, rows: list[int]) -> Features:
+    return Features(features.cls[rows], {k: v[rows] for k, v in features.patches.items()})
+
+
+def _feed(builder: NormalBankBuilder, features: Features, indices: list[int], batch: int = 2) -> None:
+    for start in range(0, len(indices), batch):
+        chosen = indices[start : start + batch]
+        builder.add(_pick(features, list(range(start, start + len(chosen)))), {"index": torch.tensor(chosen)})
+
+
+def _by_hand(features: Features, dtype: str) -> dict[str, torch.Tensor]:
+    """The bank's tensors written out directly: normalised CLS, each layer normalised then stored."""
+    n = features.cls.shape[0]
+    tensors = {"cls": F.normalize(features.cls.float(), dim=-1), "category": torch.zeros(n, dtype=torch.long)}
+    for layer in LAYERS:
+        grid = F.normalize(features.patches[layer].float(), dim=-1)
+        if dtype == "int8":
+            tensors[f"patches.{layer}"], tensors[f"scales.{layer}"] = quantize_int8(grid)
+        else:
+            tensors[f"patches.{layer}"] = grid.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "int8"])
+def test_built_bank_file_equals_the_rows_encoded_by_hand_however_the_pass_was_split(tmp_path, dtype):
+    features = random_features(7, seed=10)
+    expected = _by_hand(features, dtype)
+    metadata = {"build": {"layers": list(LAYERS), "dtype": dtype}}
+    in_order = NormalBankBuilder(LAYERS, dtype, tmp_path / "a")
+    _feed(in_order, features, list(range(7)))
+    shuffled = NormalBankBuilder(LAYERS, dtype, tmp_path / "b")  # one process whose rows came out of order
+    order = [3, 0, 5, 1, 6, 2, 4]
+    _feed(shuffled, _pick(features, order), order, batch=3)
+    # Two processes with interleaved shares; the second repeats image 0 (a padding sampler) with other
+    # features: the first process's copy is the one kept.
+    first, second = (
+        NormalBankBuilder(LAYERS, dtype, tmp_path / "c"),
+        NormalBankBuilder(LAYERS, dtype, tmp_path / "c"),
+    )
+    _feed(first, _pick(features, [0, 2, 4, 6]), [0, 2, 4, 6])
+    repeated = _pick(features, [1, 3, 5, 0])
+    repeated.cls[3], repeated.patches[1][3] = -repeated.cls[3], -repeated.patches[1][3]
+    _feed(second, repeated, [1, 3, 5, 0], batch=3)
+    states = [first.state(), second.state()]  # what all_gather hands every process
+    merged = NormalBankBuilder(LAYERS, dtype)
+    merged.load_states(states)
+    for name, builder in {"in order": in_order, "shuffled": shuffled, "two processes": merged}.items():
+        path = builder.build(metadata).save(tmp_path / f"{name}.safetensors")
+        stored = load_file(str(path))
+        assert stored.keys() == expected.keys(), name
+        for tensor_name, tensor in expected.items():
+            assert stored[tensor_name].dtype == tensor.dtype, (name, tensor_name)
+            assert torch.equal(stored[tensor_name], tensor), (name, tensor_name)
+        assert NormalMemoryBank.load(path).n_images == 7
+    assert set(merged.state()) == set(), "the merging builder wrote no rows of its own"
+
+
+def test_rows_go_to_scratch_files_beside_the_bank_as_they_arrive(tmp_path):
+    target = tmp_path / "bank.safetensors"
+    builder = NormalBankBuilder(LAYERS, "fp16", target)
+    features = random_features(5, seed=11)
+    builder.add(_pick(features, [0, 1]), {"index": torch.tensor([0, 1])})
+    (scratch,) = tmp_path.iterdir()  # hidden, named after the bank, this host and this process
+    assert scratch.is_dir() and scratch.name.startswith(
+        f".bank.safetensors.{socket.gethostname()}-{os.getpid()}."
+    )
+    row_bytes = GRID * GRID * DIM * 2  # fp16
+    assert (scratch / "patches.1.bin").stat().st_size == 2 * row_bytes  # on disk before the pass ends
+    builder.add(_pick(features, [2, 3, 4]), {"index": torch.tensor([2, 3, 4])})
+    assert (scratch / "patches.3.bin").stat().st_size == 5 * row_bytes
+    bank = builder.build({"build": {"layers": list(LAYERS), "dtype": "fp16"}})
+    assert not target.exists(), "the bank file appears only when it is saved whole"
+    bank.save(target)
+    builder.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
+    for layer in LAYERS:
+        assert torch.equal(
+            load_file(str(target))[f"patches.{layer}"], _by_hand(features, "fp16")[f"patches.{layer}"]
+        )
+
+
+_KILLED_BUILD = """
+import os, signal, sys, torch
+from anomret.encoders.base import Features
+from anomret.memory.normal import NormalBankBuilder
+builder = NormalBankBuilder((1,), "fp16", __import__("pathlib").Path(sys.argv[1]))
+builder.add(Features(torch.ones(2, 4), {1: torch.ones(2, 2, 2, 4)}), {"index": torch.arange(2)})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_path):
+    target = tmp_path / "bank.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(anomret.__file__).parents[1])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(target)], env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.is_dir() and left.name.startswith(".bank.safetensors.") and (left / "patches.1.bin").exists()
+    builder = NormalBankBuilder(LAYERS, "fp16", target)
+    builder.add(random_features(1, seed=0), {"index": torch.tensor([0])})
+    assert not left.exists(), "the killed writer's rows were removed"
+    builder.build({"build": {"layers": list(LAYERS), "dtype": "fp16"}}).save(target)
+    builder.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
+
+
+_MEASURED_BUILD = """
+import resource, sys, torch
+from pathlib import Path
+from anomret.encoders.base import Features
+from anomret.memory.normal import NormalBankBuilder
+target, n, batch = Path(sys.argv[1]), 256, 8
+builder = NormalBankBuilder((1, 2), "fp32", target)
+for start in range(0, n, batch):
+    generator = torch.Generator().manual_seed(start)
+    grids = {layer: torch.randn(batch, 16, 16, 256, generator=generator) for layer in (1, 2)}
+    builder.add(Features(torch.randn(batch, 256, generator=generator), grids), {"index": torch.arange(start, start + batch)})
+    del grids
+    if start == 0:  # after one batch: torch and the allocator are warm
+        first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+builder.build({"build": {"layers": [1, 2], "dtype": "fp32"}}).save(target)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - first) * 1024)
+"""
+
+
+def test_building_a_bank_holds_about_one_batch_in_memory_not_the_bank(tmp_path):
+    target = tmp_path / "bank.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(anomret.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED_BUILD, str(target)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    growth = int(done.stdout.split()[-1])
+    bank_bytes = target.stat().st_size
+    assert bank_bytes > 128 * 2**20  # 256 images × 2 layers × 16×16×256 fp32
+    # One batch of features is 4 MiB; holding the rows (as an in-memory build does) would add 128 MiB.
+    assert growth < bank_bytes / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB while building"
+
+
+def test_rows_of_a_process_that_are_not_visible_here_are_a_clear_error(tmp_path):
+    info = SpillInfo(str(tmp_path / "elsewhere"), "otherhost", {"patches.1": ("float16", (2, 4, 4, 16))})
+    with pytest.raises(BankError, match=r"storage every process shares.*memory\.cache_dir"):
+        info.file("patches.1")
 
 
 def test_other_kind_and_missing_layers_are_refused(tmp_path):
@@ -330,7 +464,7 @@ def test_streamed_bank_file_equals_the_one_save_writes(tmp_path):
     streamed = load_file(str(path))
     expected = {"cls": whole.cls, "category": whole.category}
     for layer, rows in whole.patches.items():
-        expected[f"patches.{layer}"], expected[f"scales.{layer}"] = rows.values, rows.scales
+        expected[f"patches.{layer}"], expected[f"scales.{layer}"] = rows.all()
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[name], expected[name]) for name in expected)
     assert read_bank_metadata(path)["categories"] == ["a", "b", "c"]

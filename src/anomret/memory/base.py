@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from torch import Tensor
-
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
 
@@ -48,10 +46,11 @@ class BankBuilder(Protocol):
     def add(self, features: Features, batch: Mapping[str, Any]) -> None:
         """Add one batch of the memory pass (features of ``batch['image']``, its masks, labels, indices)."""
 
-    def state(self) -> dict[str, Tensor]:
-        """This process's partial state, as CPU tensors, to be gathered across processes."""
+    def state(self) -> dict[str, Any]:
+        """This process's partial state (CPU tensors, or where large rows are on disk), to be gathered
+        across processes."""
 
-    def load_states(self, states: list[dict[str, Tensor]]) -> None:
+    def load_states(self, states: list[dict[str, Any]]) -> None:
         """Replace the partial state by the union of every process's state, in sample order."""
 
     def build(self, metadata: dict[str, Any]) -> MemoryBank: ...
@@ -75,6 +74,9 @@ class MemorySettings:
     cache_dir: str = ".cache/banks"
     rebuild: bool = False
     source: str = "aux"
+    # True when the bank a builder returns reads its rows from the builder's scratch files (bounded
+    # building): the saved file replaces it on every process, and the builders are closed.
+    streams_build: ClassVar[bool] = False
 
     def build_settings(self, encoder: Encoder) -> dict[str, Any]:
         """The settings that change a bank's content (recorded in its metadata and cache key)."""

@@ -4,6 +4,8 @@ It runs under the run's Lightning Trainer (``trainer.predict``), so it gets the 
 progress bar and DDP processes as the test pass. Under DDP each process encodes its share of the images
 exactly once (Lightning's prediction sampler does not repeat samples); the builders' partial states are
 then gathered and merged in dataset order, so every process ends with the bank a single process builds.
+A builder may keep its large rows on disk (RAD's): its state then says where they are, and only that
+and the small per-image tensors are gathered.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ The file is an ordinary anomret bank (:mod:`anomret.memory.store`: safetensors, 
 writes). Loaded with ``mmap`` (the default), only ``cls`` and ``category`` are read; the patch grids
 stay on disk and retrieval reads the rows of the K retrieved images only, so the bank need fit in
 neither RAM nor GPU memory. Cosine similarity ignores a vector's length, so int8 rows (one positive
-scale per vector) score exactly as their dequantised values.
+scale per vector) score exactly as their dequantised values. Building is bounded too: the memory pass
+writes each batch's rows to scratch files beside the bank as they arrive (:class:`NormalBankBuilder`),
+and the file is written from them piece by piece.
 
 A bank built from some categories can be extended with the normal images of new ones
 (:func:`append_images`): only the new images are encoded, and the result has the same rows and
@@ -22,6 +24,7 @@ fingerprint as a bank built from all of them at once (the paper's incremental on
 from __future__ import annotations
 
 import logging
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from torch import Tensor
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
 from anomret.memory.base import MemorySettings, positive_or_none
+from anomret.memory.spill import MergedRows, RowSpill, SpillInfo, release_freed_memory
 from anomret.memory.store import (
     BankError,
     StreamedTensor,
@@ -51,6 +55,9 @@ from anomret.memory.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Stored rows: in memory, memory-mapped from a bank file, or read from a memory pass's scratch files.
+StoredArray = Tensor | np.ndarray | MergedRows
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
 _INT8_MAX = 127.0
@@ -73,11 +80,12 @@ def encode_rows(vectors: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
 class PatchRows:
     """One layer's stored patch grids ``[N, h, w, C]``, handed out by row as float32.
 
-    Backed by a tensor (a bank built in this process or loaded eagerly) or by a read-only memory map
-    (a loaded bank): ``rows[index]`` reads only the rows in ``index``. ``rows_read`` counts them.
+    Backed by a tensor (a bank loaded eagerly), a read-only memory map (a loaded bank) or the scratch
+    files of a memory pass (a bank just built, :class:`~anomret.memory.spill.MergedRows`): ``rows[index]``
+    reads only the rows in ``index``. ``rows_read`` counts them.
     """
 
-    def __init__(self, values: Tensor | np.ndarray, scales: Tensor | np.ndarray | None = None) -> None:
+    def __init__(self, values: StoredArray, scales: StoredArray | None = None) -> None:
         self.values = values
         self.scales = scales
         self.rows_read = 0
@@ -97,9 +105,9 @@ class PatchRows:
 
     @property
     def memory_mapped(self) -> bool:
-        return isinstance(self.values, np.memmap)
+        return not isinstance(self.values, Tensor)
 
-    def _take(self, array: Tensor | np.ndarray, index: Tensor) -> Tensor:
+    def _take(self, array: StoredArray, index: Tensor) -> Tensor:
         if isinstance(array, Tensor):
             return array[index.to(array.device)]
         return torch.from_numpy(np.ascontiguousarray(array[index.numpy()]))
@@ -120,7 +128,7 @@ class PatchRows:
     def all(self) -> tuple[Tensor, Tensor | None]:
         """Every stored value (and scale) as CPU tensors (saving; small banks only)."""
 
-        def whole(array: Tensor | np.ndarray | None) -> Tensor | None:
+        def whole(array: StoredArray | None) -> Tensor | None:
             if array is None or isinstance(array, Tensor):
                 return array
             return torch.from_numpy(np.array(array))
@@ -294,16 +302,24 @@ class NormalMemoryBank:
 
 @dataclass
 class NormalBankBuilder:
-    """Accumulates the memory pass into a :class:`NormalMemoryBank`, rows in dataset order.
+    """Builds a :class:`NormalMemoryBank` from the memory pass, rows in dataset order, in bounded memory.
 
-    Rows are converted to the storage dtype as they arrive, so the pass holds the bank at its stored
-    size. Each row remembers its dataset index: under DDP the processes' states merge into the bank one
-    process builds, each image once.
+    Each batch's patch rows are converted to the storage dtype and appended to this process's scratch
+    files beside the bank (:mod:`anomret.memory.spill`) as they arrive; only the global keys and dataset
+    indices stay in memory. The state gathered under DDP is those small tensors plus where the files are;
+    the merged bank reads every process's files, each image once. The bank :meth:`build` returns reads
+    its rows from those files: save it, then :meth:`close` the builder (every process, once the bank file
+    is whole) to remove them; otherwise they go when both the builder and the bank are dropped.
     """
 
     layers: tuple[int, ...]
     dtype: str = "fp16"
-    _parts: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
+    # The bank file (or a name in its directory) the scratch files go beside; None: the system temp dir.
+    beside: Path | None = None
+    _index: list[Tensor] = field(default_factory=list, repr=False)
+    _cls: list[Tensor] = field(default_factory=list, repr=False)
+    _spill: RowSpill | None = field(default=None, repr=False)
+    _merged: _MergedState | None = field(default=None, repr=False)
 
     def add(self, features: Features, batch: Mapping[str, Any]) -> None:
         missing = [layer for layer in self.layers if layer not in features.patches]
@@ -311,35 +327,34 @@ class NormalBankBuilder:
             raise ValueError(
                 f"the encoder did not return layers {missing} (it returned {list(features.patches)})"
             )
-        self._append("index", torch.as_tensor(batch["index"]).reshape(-1).cpu().long())
-        self._append("cls", F.normalize(features.cls.detach().float(), dim=-1).cpu())
+        if self._spill is None:
+            beside = self.beside or Path(tempfile.gettempdir()) / "anomret" / "normal-bank"
+            self._spill = RowSpill(Path(beside))
+        self._index.append(torch.as_tensor(batch["index"]).reshape(-1).cpu().long())
+        self._cls.append(F.normalize(features.cls.detach().float(), dim=-1).cpu())
         for layer in self.layers:
             grid = F.normalize(features.patches[layer].detach().float(), dim=-1)
             values, scales = encode_rows(grid, self.dtype)
-            self._append(f"patches.{layer}", values.cpu())
+            self._spill.append(f"patches.{layer}", values)
             if scales is not None:
-                self._append(f"scales.{layer}", scales.cpu())
+                self._spill.append(f"scales.{layer}", scales)
+            del grid, values, scales
+        release_freed_memory()  # this batch's buffers are freed: keep the pass at one batch in RAM
 
-    def _append(self, name: str, tensor: Tensor) -> None:
-        self._parts.setdefault(name, []).append(tensor)
+    def state(self) -> dict[str, Any]:
+        """Indices and global keys of this process's rows, and where its patch rows are on disk."""
+        if self._spill is None:
+            return {}
+        for parts in (self._index, self._cls):
+            parts[:] = [torch.cat(parts)] if len(parts) > 1 else parts
+        return {"index": self._index[0], "cls": self._cls[0], "rows": self._spill.finish()}
 
-    def state(self) -> dict[str, Tensor]:
-        # Concatenated one tensor at a time, and the parts replaced by the result, so the rows are held
-        # once (plus one layer while it is concatenated), not twice.
-        out = {}
-        for name, parts in self._parts.items():
-            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
-            parts[:] = [out[name]]
-        return out
-
-    def load_states(self, states: list[dict[str, Tensor]]) -> None:
-        """Merge several processes' states in dataset order; an image a padded sampler repeats is kept once."""
+    def load_states(self, states: list[dict[str, Any]]) -> None:
+        """Merge several processes' states in dataset order; an image a padded sampler repeats is kept
+        once (the first process's copy)."""
         states = [state for state in states if state]
-        self._parts = {}
+        self._merged = None
         if not states:
-            return
-        if len(states) == 1 and bool((states[0]["index"].diff() > 0).all()):
-            self._parts = {name: [tensor] for name, tensor in states[0].items()}  # one process: no copy
             return
         seen = torch.zeros(0, dtype=torch.long)
         fresh = []
@@ -349,19 +364,28 @@ class NormalBankBuilder:
             seen = torch.cat([seen, state["index"]])
         index = torch.cat([state["index"][keep] for state, keep in zip(states, fresh, strict=True)])
         order = torch.sort(index).indices
-        for name in states[0]:  # one tensor at a time: the transient copies stay one layer large
-            merged = torch.cat([state[name][keep] for state, keep in zip(states, fresh, strict=True)])
-            self._parts[name] = [merged[order]]
+        cls = torch.cat([state["cls"][keep] for state, keep in zip(states, fresh, strict=True)])
+        part = torch.cat([torch.full((int(keep.sum()),), p) for p, keep in enumerate(fresh)])
+        row = torch.cat([torch.arange(keep.numel())[keep] for keep in fresh])
+        self._merged = _MergedState(
+            index[order],
+            cls[order],
+            part[order].numpy(),
+            row[order].numpy(),
+            [s["rows"] for s in states],
+            self._spill,
+        )
 
     def build(self, metadata: dict[str, Any] | None = None) -> NormalMemoryBank:
         """The bank; ``metadata["images"]`` (one row per dataset index) names each row's image."""
-        if not self._parts.get("cls"):
+        if self._merged is None:
+            self.load_states([self.state()])  # one process, without a gather
+        merged = self._merged
+        if merged is None:
             raise ValueError("no memory images were added: the memory would be empty")
-        state = self.state()
-        self._parts = {}  # the bank now owns the rows: do not hold them twice
         metadata = dict(metadata or {})
         images = metadata.get("images")
-        index = state["index"]
+        index = merged.index
         if images is not None:
             if index.numel() != len(images) or not torch.equal(index, torch.arange(len(images))):
                 raise ValueError(
@@ -375,18 +399,57 @@ class NormalBankBuilder:
         category = torch.tensor([lookup[name] for name in names], dtype=torch.long)
         metadata["categories"] = categories
         patches = {
-            layer: PatchRows(state[f"patches.{layer}"], state.get(f"scales.{layer}")) for layer in self.layers
+            layer: PatchRows(
+                merged.rows(f"patches.{layer}"),
+                merged.rows(f"scales.{layer}") if self.dtype == "int8" else None,
+            )
+            for layer in self.layers
         }
-        return NormalMemoryBank(state["cls"], category, patches, metadata)
+        return NormalMemoryBank(merged.cls, category, patches, metadata)
+
+    def close(self) -> None:
+        """Remove this process's scratch files (the bank :meth:`build` returned can no longer be read)."""
+        if self._spill is not None:
+            self._spill.remove()
+        self._spill, self._merged, self._index, self._cls = None, None, [], []
 
 
-def _row_pieces(array: Tensor | np.ndarray | None, chunk: int = 64) -> Iterator[Tensor]:
-    """A stored array's rows in slices, read from disk slice by slice when memory-mapped."""
+@dataclass(frozen=True)
+class _MergedState:
+    """The merged pass: per output row its dataset index, global key, and which process's row it is."""
+
+    index: Tensor
+    cls: Tensor
+    part: np.ndarray
+    row: np.ndarray
+    parts: list[SpillInfo]
+    owner: RowSpill | None  # this process's files, kept while the built bank reads them
+
+    def rows(self, name: str) -> MergedRows:
+        return MergedRows(name, self.parts, self.part, self.row, self.owner)
+
+
+_PIECE_BYTES = 4 * 2**20  # a streamed save holds about this much of a tensor at a time
+
+
+def _row_pieces(array: StoredArray | None) -> Iterator[Tensor]:
+    """A stored array's rows in slices of at most ~4 MiB, read from disk slice by slice when on disk."""
     if array is None:
         return
+    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(_numpy_dtype(array)).itemsize
+    chunk = max(1, _PIECE_BYTES // max(1, row_bytes))
     for start in range(0, int(array.shape[0]), chunk):
         piece = array[start : start + chunk]
-        yield piece if isinstance(piece, Tensor) else torch.from_numpy(np.array(piece))
+        if isinstance(piece, Tensor):
+            yield piece
+        else:  # a memory map's slice is copied into memory; a slice read from scratch files already is
+            yield torch.from_numpy(piece if type(piece) is np.ndarray else np.array(piece))
+
+
+def _numpy_dtype(array: StoredArray) -> np.dtype:
+    if isinstance(array, Tensor):
+        return torch.empty(0, dtype=array.dtype).numpy().dtype
+    return np.dtype(array.dtype)
 
 
 def write_concatenated(
@@ -555,8 +618,14 @@ class NormalMemorySettings(MemorySettings):
     def describe_source(self, samples: SampleTable) -> dict[str, Any]:
         return {"images": sample_rows(samples)}
 
+    # The built bank reads its rows from the builders' scratch files: the pipeline saves it, then every
+    # process opens the saved file and closes its builder.
+    streams_build: ClassVar[bool] = True
+
     def builder(self, encoder: Encoder) -> NormalBankBuilder:
-        return NormalBankBuilder(tuple(self.resolve_layers(encoder.layers)), self.dtype)
+        # Scratch files go beside the bank (same storage, visible to every process of a DDP run).
+        beside = Path(self.path) if self.path else Path(self.cache_dir) / "normal-bank"
+        return NormalBankBuilder(tuple(self.resolve_layers(encoder.layers)), self.dtype, beside)
 
     def bank_class(self) -> type[NormalMemoryBank]:
         return NormalMemoryBank

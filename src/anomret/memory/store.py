@@ -152,9 +152,9 @@ def save_bank_streaming(
                     raise ValueError(
                         f"{name}: piece {piece.dtype} {tuple(piece.shape)} does not fit {tensor}"
                     )
-                data = piece.detach().cpu().contiguous().numpy().tobytes()
+                data = memoryview(piece.detach().cpu().contiguous().numpy()).cast("B")  # no copy
                 handle.write(data)
-                written += len(data)
+                written += data.nbytes
                 rows += piece.shape[0]
             start, end = header[name]["data_offsets"]
             if written != end - start or rows != tensor.shape[0]:
