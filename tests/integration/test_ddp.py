@@ -5,7 +5,7 @@
 - evaluation: every process reports the single-process numbers, whatever rows the sampler repeated;
 - the entry point: `trainer=ddp_cpu` (two processes) writes the results and bank of a one-process run;
 - MRAD-FT / MRAD-CLIP training: both processes end with the same trained parameters, the checkpoint holds
-  them, and a one-process `anomret.eval` of it reproduces the DDP run's results.
+  them, and `anomret.eval` of it, in one process or two, reproduces the DDP run's results.
 """
 
 from __future__ import annotations
@@ -174,3 +174,19 @@ def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it
         # The processes scored differently composed batches: the last float bit may differ.
         for metric in single["metrics"]:
             assert ddp["categories"][category][metric] == pytest.approx(values[metric], abs=1e-6), metric
+
+    # Evaluated under DDP (plain ddp: nothing trains, so MRAD-CLIP needs no unused-parameter detection),
+    # the processes split the images as the training run's test pass did: the same numbers exactly.
+    _cli(
+        "anomret.eval",
+        [
+            experiment,
+            "logger=none",
+            "trainer=ddp_cpu",
+            f"ckpt_path={artifacts['checkpoint']}",
+            f"hydra.run.dir={tmp_path / 'eval_ddp'}",
+        ],
+        tmp_path,
+        data_dir,
+    )
+    assert json.loads((tmp_path / "eval_ddp" / "results.json").read_text())["categories"] == ddp["categories"]
