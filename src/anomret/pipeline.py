@@ -77,8 +77,12 @@ def instantiate_callbacks(config: DictConfig | None) -> list[lightning.Callback]
     return [build(entry) for entry in config.values() if entry is not None and "_target_" in entry]
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Refuse combinations of groups that cannot run together, before anything is built."""
+def validate_config(cfg: DictConfig, *, fits: bool = True) -> None:
+    """Refuse combinations of groups that cannot run together, before anything is built.
+
+    ``fits``: the run may train (``anomret.train``); settings that only matter to training (DDP's
+    unused-parameter detection) are not asked of an evaluation or a prediction.
+    """
     model_class = get_class(cfg.model._target_)
     memory_class = get_class(cfg.memory._target_)
     needed, given = getattr(model_class, "memory_kind", ""), getattr(memory_class, "kind", "")
@@ -102,7 +106,8 @@ def validate_config(cfg: DictConfig) -> None:
         )
     strategy = str((cfg.get("trainer") or {}).get("strategy", ""))
     if (
-        getattr(model_class, "ddp_find_unused_parameters", False)
+        fits
+        and getattr(model_class, "ddp_find_unused_parameters", False)
         and strategy.startswith("ddp")
         and ("find_unused_parameters_true" not in strategy)
     ):
@@ -271,13 +276,13 @@ def load_saved_bank(
     return bank, bank_info(Path(path), bank)
 
 
-def prepare_run(cfg: DictConfig) -> Path:
+def prepare_run(cfg: DictConfig, *, fits: bool = False) -> Path:
     use_job_command_for_ddp()
     lightning.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    validate_config(cfg)
+    validate_config(cfg, fits=fits)
     return output_dir
 
 
@@ -288,7 +293,7 @@ def run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
 
 
 def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
-    output_dir = prepare_run(cfg)
+    output_dir = prepare_run(cfg, fits=fit)
     settings: MemorySettings = build(cfg.memory)  # cheap checks first
     encoder = build(cfg.encoder)
     store = feature_store(cfg, encoder)

@@ -1,10 +1,12 @@
-"""Functions run in two real processes (gloo) by test_ddp.py; module level so that spawn can import them."""
+"""Functions run in two real processes (gloo) by test_ddp.py, and a callback its DDP runs add from the
+command line; module level so that spawn (and the processes Lightning starts) can import them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import lightning
 import torch
 import torch.distributed as dist
 
@@ -86,3 +88,26 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         (Path(out_dir) / f"result{rank}.json").write_text(json.dumps(result.to_dict()))
     finally:
         dist.destroy_process_group()
+
+
+class TrainedStateDump(lightning.Callback):
+    """Writes each process's trainable state when training starts and ends (``rank{R}-{start,end}.pt``
+    under ``directory``), so a test can compare the processes of a DDP run with each other and with the
+    checkpoint that rank 0 wrote. Added to a run from the command line, as a user adds a callback:
+    ``+callbacks.state_dump._target_=tests.integration.ddp_workers.TrainedStateDump
+    +callbacks.state_dump.directory=DIR``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def _dump(self, trainer: lightning.Trainer, module: lightning.LightningModule, moment: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # The module's own state_dict leaves out the frozen encoder and text tower, as its checkpoints do.
+        state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+        torch.save(state, self.directory / f"rank{trainer.global_rank}-{moment}.pt")
+
+    def on_train_start(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
+        self._dump(trainer, module, "start")
+
+    def on_train_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
+        self._dump(trainer, module, "end")

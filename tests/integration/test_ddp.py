@@ -3,18 +3,24 @@
 - bank building: every process's features are gathered exactly once and every process ends with the
   bank a single process builds;
 - evaluation: every process reports the single-process numbers, whatever rows the sampler repeated;
-- the entry point: `trainer=ddp_cpu` (two processes) writes the results and bank of a one-process run.
+- the entry point: `trainer=ddp_cpu` (two processes) writes the results and bank of a one-process run;
+- MRAD-FT / MRAD-CLIP training: both processes end with the same trained parameters, the checkpoint holds
+  them, and `anomret.eval` of it, in one process or two, reproduces the DDP run's results.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+
+from anomret.models.checkpoint import load_checkpoint
 
 from . import ddp_workers
 from .test_train_eval import _cli
@@ -89,3 +95,98 @@ def test_multirun_whose_jobs_use_ddp_runs_each_job_once_in_its_own_directory(tmp
     assert weights == [0.5, 1.0]
     # The DDP processes did not start sweeps or single runs of their own.
     assert sorted(p.name for p in (tmp_path / "logs" / "demo").iterdir()) == ["train-multirun"]
+
+
+# MRAD-CLIP trains the heads in its first epoch and the prompts afterwards, so DDP must be told that some
+# parameters are unused in each epoch (the run refuses plain ddp and says so).
+TRAINED_DDP = {
+    "ft": ["trainer=ddp_cpu"],
+    "clip": ["trainer=ddp_cpu", "trainer.strategy=ddp_find_unused_parameters_true"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ft", "clip"])
+def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it(
+    name, tmp_path, data_dir, monkeypatch
+):
+    # The processes Lightning starts import the dump callback from this test package.
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    dumps = tmp_path / "dumps"
+    experiment = f"+experiment=demo_mrad_{name}"
+    _cli(
+        "anomret.train",
+        [
+            experiment,
+            "logger=none",
+            *TRAINED_DDP[name],
+            f"hydra.run.dir={tmp_path / 'train'}",
+            "+callbacks.state_dump._target_=tests.integration.ddp_workers.TrainedStateDump",
+            f"+callbacks.state_dump.directory={dumps}",
+        ],
+        tmp_path,
+        data_dir,
+    )
+    artifacts = json.loads((tmp_path / "train" / "artifacts.json").read_text())
+    checkpoint = load_checkpoint(artifacts["checkpoint"])
+    assert Path(artifacts["checkpoint"]).stat().st_size < 400_000  # the small checkpoint, one file
+    assert sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir()) == ["last.ckpt"]
+
+    state = {
+        (rank, moment): torch.load(dumps / f"rank{rank}-{moment}.pt")
+        for rank in (0, 1)
+        for moment in ("start", "end")
+    }
+    trained = checkpoint["state_dict"]
+    learned = {"ft": ("heads.",), "clip": ("heads.", "prompts.")}[name]
+    assert {k for k in trained if k.startswith(learned)} == {
+        k for k in state[0, "end"] if k.startswith(learned)
+    }
+    for key in (k for k in trained if k.startswith(learned)):
+        # Both processes start from the same parameters and end with the same ones, bit for bit: the
+        # averaged gradients step them alike. That end is what rank 0 wrote to the checkpoint.
+        assert torch.equal(state[0, "start"][key], state[1, "start"][key]), key
+        assert torch.equal(state[0, "end"][key], state[1, "end"][key]), key
+        assert torch.equal(trained[key], state[0, "end"][key]), key
+    for prefix in learned:  # and training did move every trained part
+        assert any(
+            not torch.equal(state[0, "start"][k], state[0, "end"][k]) for k in trained if k.startswith(prefix)
+        ), prefix
+
+    _cli(
+        "anomret.eval",
+        [
+            experiment,
+            "logger=none",
+            f"ckpt_path={artifacts['checkpoint']}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        tmp_path,
+        data_dir,
+    )
+    ddp = json.loads((tmp_path / "train" / "results.json").read_text())
+    single = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert json.loads((tmp_path / "eval" / "artifacts.json").read_text())["bank"] == artifacts["bank"]
+    assert list(single["categories"]) == list(ddp["categories"])
+    for category, values in single["categories"].items():
+        assert ddp["categories"][category]["n_images"] == values["n_images"] == 14  # not one rank's half
+        # The processes scored differently composed batches: the last float bit may differ.
+        for metric in single["metrics"]:
+            assert ddp["categories"][category][metric] == pytest.approx(values[metric], abs=1e-6), metric
+
+    # Evaluated under DDP (plain ddp: nothing trains, so MRAD-CLIP needs no unused-parameter detection),
+    # the processes split the images as the training run's test pass did: the same numbers exactly.
+    _cli(
+        "anomret.eval",
+        [
+            experiment,
+            "logger=none",
+            "trainer=ddp_cpu",
+            f"ckpt_path={artifacts['checkpoint']}",
+            f"hydra.run.dir={tmp_path / 'eval_ddp'}",
+        ],
+        tmp_path,
+        data_dir,
+    )
+    assert json.loads((tmp_path / "eval_ddp" / "results.json").read_text())["categories"] == ddp["categories"]

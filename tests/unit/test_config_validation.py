@@ -107,3 +107,21 @@ def test_predict_checks_its_settings_before_reading_the_bank(compose_config, tmp
     overrides = ["+experiment=demo", f"memory.path={missing}", f"input={tmp_path / 'images'}"]
     with pytest.raises(ValueError, match=message):
         predict(compose_config([*overrides, override], config_name="predict"))
+
+
+def test_ddp_unused_parameter_detection_is_asked_of_training_only(compose_config):
+    # MRAD-CLIP leaves the prompts unused in its FT stage and the heads in its CLIP stage: DDP training must
+    # be told; an evaluation or a prediction trains nothing and runs under plain DDP.
+    cfg = compose_config(["+experiment=demo_mrad_clip", "trainer=ddp_cpu"])
+    with pytest.raises(ConfigError, match=r"trainer.strategy=ddp_find_unused_parameters_true \(got ddp\)"):
+        validate_config(cfg)
+    validate_config(cfg, fits=False)
+    validate_config(
+        compose_config(
+            [
+                "+experiment=demo_mrad_clip",
+                "trainer=ddp_cpu",
+                "trainer.strategy=ddp_find_unused_parameters_true",
+            ]
+        )
+    )
