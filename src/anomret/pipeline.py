@@ -108,12 +108,12 @@ def validate_config(cfg: DictConfig, *, fits: bool = True) -> None:
     if (
         fits
         and getattr(model_class, "ddp_find_unused_parameters", False)
-        and strategy.startswith("ddp")
-        and ("find_unused_parameters_true" not in strategy)
+        and strategy.endswith("_find_unused_parameters_false")
     ):
         raise ConfigError(
             f"model {model_class.method} trains different parameters in different epochs, which DDP must be "
-            f"told about. Fix: add trainer.strategy=ddp_find_unused_parameters_true (got {strategy})."
+            f"told about, but trainer.strategy={strategy} turns that off. "
+            f"Fix: trainer.strategy={strategy.removesuffix('_false')}_true (or plain ddp)."
         )
     aux = cfg.get("aux_dataset") or {}
     if getattr(model_class, "needs_aux_masks", False) and aux and aux.get("require_masks") is not True:
@@ -146,10 +146,32 @@ def build_model(cfg: DictConfig, encoder: Encoder) -> RetrievalModule:
     )
 
 
+# Lightning's DDP strategies that have a registered ``<name>_find_unused_parameters_true`` twin.
+_DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
 def build_trainer(
-    cfg: DictConfig, loggers: list[Logger], callbacks: list[lightning.Callback]
+    cfg: DictConfig,
+    loggers: list[Logger],
+    callbacks: list[lightning.Callback],
+    trained: RetrievalModule | None = None,
 ) -> lightning.Trainer:
-    return build(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    """The configured Trainer. ``trained``: the model this trainer will fit, if any; a method that trains
+    different parameters in different epochs (MRAD-CLIP) gets DDP's unused-parameter detection."""
+    overrides: dict[str, Any] = {}
+    strategy = cfg.trainer.get("strategy")
+    if (
+        trained is not None
+        and getattr(trained, "ddp_find_unused_parameters", False)
+        and strategy in _DDP_STRATEGIES
+    ):
+        overrides["strategy"] = f"{strategy}_find_unused_parameters_true"
+        log.info(
+            "%s trains different parameters in different epochs: trainer.strategy=%s",
+            trained.method,
+            overrides["strategy"],
+        )
+    return build(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
 
 
 def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
@@ -314,7 +336,12 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
     if fit:
         datamodule.setup("fit")
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = build_trainer(cfg, loggers, instantiate_callbacks(cfg.get("callbacks")))
+    trainer = build_trainer(
+        cfg,
+        loggers,
+        instantiate_callbacks(cfg.get("callbacks")),
+        trained=model if fit and model.trains else None,
+    )
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

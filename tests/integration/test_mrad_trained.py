@@ -309,8 +309,9 @@ def test_clip_only_model_and_maskless_auxiliary_data_fail_before_any_compute(dat
             _compose(tmp_path, data_dir, ["+experiment=demo_mrad_ft", "aux_dataset.require_masks=false"]),
             fit=True,
         )
-    with pytest.raises(ConfigError, match=r"Fix: add trainer.strategy=ddp_find_unused_parameters_true"):
-        run(_compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", "trainer=ddp_cpu"]), fit=True)
+    ddp_without_detection = ["trainer=ddp_cpu", "trainer.strategy=ddp_find_unused_parameters_false"]
+    with pytest.raises(ConfigError, match=r"Fix: trainer.strategy=ddp_find_unused_parameters_true"):
+        run(_compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", *ddp_without_detection]), fit=True)
     assert not (tmp_path / ".cache").exists(), "nothing was encoded or cached"
     # The model refuses a non-CLIP encoder on its own too (used outside the pipeline).
     cfg = _compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", "encoder=tiny_vit"])

@@ -109,19 +109,20 @@ def test_predict_checks_its_settings_before_reading_the_bank(compose_config, tmp
         predict(compose_config([*overrides, override], config_name="predict"))
 
 
-def test_ddp_unused_parameter_detection_is_asked_of_training_only(compose_config):
+def test_ddp_training_of_mrad_clip_looks_for_unused_parameters(compose_config):
     # MRAD-CLIP leaves the prompts unused in its FT stage and the heads in its CLIP stage: DDP training must
-    # be told; an evaluation or a prediction trains nothing and runs under plain DDP.
+    # look for unused parameters; an evaluation or a prediction trains nothing and runs under plain DDP.
+    from anomret.pipeline import build, build_model, build_trainer
+
     cfg = compose_config(["+experiment=demo_mrad_clip", "trainer=ddp_cpu"])
-    with pytest.raises(ConfigError, match=r"trainer.strategy=ddp_find_unused_parameters_true \(got ddp\)"):
-        validate_config(cfg)
-    validate_config(cfg, fits=False)
-    validate_config(
-        compose_config(
-            [
-                "+experiment=demo_mrad_clip",
-                "trainer=ddp_cpu",
-                "trainer.strategy=ddp_find_unused_parameters_true",
-            ]
-        )
+    validate_config(cfg)
+    model = build_model(cfg, build(cfg.encoder))
+    trainer = build_trainer(cfg, [], [], trained=model)
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+    assert not build_trainer(cfg, [], []).strategy._ddp_kwargs.get("find_unused_parameters")
+    explicit_off = compose_config(
+        ["+experiment=demo_mrad_clip", "trainer=ddp_cpu", "trainer.strategy=ddp_find_unused_parameters_false"]
     )
+    with pytest.raises(ConfigError, match=r"Fix: trainer.strategy=ddp_find_unused_parameters_true"):
+        validate_config(explicit_off)
+    validate_config(explicit_off, fits=False)
