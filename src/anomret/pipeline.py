@@ -176,7 +176,8 @@ def build_trainer(
 
 def bank_info(path: Path, bank: MemoryBank) -> dict[str, Any]:
     metadata = {"kind": bank.kind, **bank.metadata}
-    return {"path": str(path), "kind": bank.kind, "identity": bank_identity(metadata)}
+    # Absolute: artifacts.json and checkpoints name the bank for runs started from any directory.
+    return {"path": str(Path(path).resolve()), "kind": bank.kind, "identity": bank_identity(metadata)}
 
 
 def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
@@ -362,8 +363,8 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
             artifacts = {
                 "bank": info["path"],
                 "bank_identity": info["identity"],
-                "checkpoint": checkpoint_file,
-                "features": None if store is None else str(store.directory),
+                "checkpoint": None if checkpoint_file is None else str(Path(checkpoint_file).resolve()),
+                "features": None if store is None else str(Path(store.directory).resolve()),
             }
             write_outputs(result, output_dir, loggers, artifacts)
             console = Console(

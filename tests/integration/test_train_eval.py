@@ -199,3 +199,15 @@ def test_bank_built_under_one_config_is_bit_identical_when_rebuilt(compose_confi
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_artifacts_name_absolute_paths_when_the_root_is_the_working_directory(
+    compose_config, tmp_path, monkeypatch
+):
+    # The default root is "."; the bank a run names must be found again from any other directory.
+    monkeypatch.chdir(tmp_path)
+    run(compose_config(["+experiment=demo", "paths.root_dir=.", "features.enabled=true"]), fit=True)
+    artifacts = json.loads((tmp_path / "run" / "artifacts.json").read_text())
+    for key in ("bank", "features"):
+        assert Path(artifacts[key]).is_absolute() and Path(artifacts[key]).exists(), key
+    assert Path(artifacts["bank"]).parent == tmp_path / ".cache" / "banks"
