@@ -12,7 +12,12 @@ from anomret.pipeline import run
 def test_second_run_reads_every_feature_from_the_store_with_identical_results(
     compose_config, tmp_path, caplog
 ):
-    plain = run(compose_config(["+experiment=demo"]), fit=True)
+    with caplog.at_level(logging.INFO, logger="anomret.pipeline"):
+        plain = run(compose_config(["+experiment=demo"]), fit=True)
+    assert (
+        "features: 84 image(s) encoded (feature store off: features.enabled=true caches them)" in caplog.text
+    )
+    caplog.clear()
     store = ["+experiment=demo", "features.enabled=true", "features.dtype=fp32"]
     with caplog.at_level(logging.INFO, logger="anomret.pipeline"):
         cold = run(compose_config(store), fit=True)

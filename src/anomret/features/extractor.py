@@ -57,6 +57,8 @@ class FeatureExtractor:
         self.reused = 0  # images whose features were read from the store
 
     def describe(self) -> str:
+        if self.store is None:
+            return f"{self.encoded} image(s) encoded (feature store off: features.enabled=true caches them)"
         return f"{self.encoded} image(s) encoded, {self.reused} read from the feature store"
 
     @torch.no_grad()
