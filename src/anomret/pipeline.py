@@ -244,11 +244,9 @@ def get_or_build_bank(
     model.check_memory_size(len(samples))  # e.g. K larger than the memory: refused before any compute
     bank = None
     with _MemoryPasses(settings, model, datamodule, trainer, plan.metadata) as memory_pass:
-        if getattr(settings, "append", False) and plan.path.exists() and not settings.rebuild:
-            from anomret.memory.normal import append_images
-
-            added = append_images(
-                settings, plan.path, plan.metadata, samples, memory_pass, write=trainer.is_global_zero
+        if settings.supports_append and settings.append and plan.path.exists() and not settings.rebuild:
+            added = settings.append_missing(
+                plan.path, plan.metadata, samples, memory_pass, write=trainer.is_global_zero
             )
             if added:
                 # The other processes open the file once it is whole, and keep their scratch files
@@ -487,7 +485,7 @@ def append_memory(cfg: DictConfig) -> Path:
         raise ConfigError(
             "anomret.memory.append needs memory.path=/path/to/bank.safetensors (the bank to extend)"
         )
-    if not hasattr(settings, "append"):
+    if not settings.supports_append:
         raise ConfigError(
             f"memory={settings.kind} banks cannot be appended to; use a normal-image memory (method=rad)"
         )

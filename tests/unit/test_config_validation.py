@@ -126,3 +126,13 @@ def test_ddp_training_of_mrad_clip_looks_for_unused_parameters(compose_config):
     with pytest.raises(ConfigError, match=r"Fix: trainer.strategy=ddp_find_unused_parameters_true"):
         validate_config(explicit_off)
     validate_config(explicit_off, fits=False)
+
+
+def test_appending_to_a_bank_of_a_kind_that_cannot_grow_is_refused(compose_config, tmp_path):
+    from anomret.pipeline import append_memory
+
+    overrides = ["method=mrad_tf", "+experiment=demo", f"memory.path={tmp_path / 'bank.safetensors'}"]
+    cfg = compose_config(overrides, "append")
+    with pytest.raises(ConfigError, match=r"memory=labeled banks cannot be appended to"):
+        append_memory(cfg)
+    assert not (tmp_path / "bank.safetensors").exists()

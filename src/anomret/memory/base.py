@@ -15,7 +15,7 @@ kind only says what it stores.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -77,6 +77,8 @@ class MemorySettings:
     # True when the bank a builder returns reads its rows from the builder's scratch files (bounded
     # building): the saved file replaces it on every process, and the builders are closed.
     streams_build: ClassVar[bool] = False
+    # True for kinds whose banks can take new images without a rebuild (memory.append, anomret.memory.append).
+    supports_append: ClassVar[bool] = False
 
     def build_settings(self, encoder: Encoder) -> dict[str, Any]:
         """The settings that change a bank's content (recorded in its metadata and cache key)."""
@@ -99,6 +101,19 @@ class MemorySettings:
     def describe_source(self, samples: SampleTable) -> dict[str, Any]:
         """Extra metadata recorded with a bank built from ``samples`` (e.g. which image each row is)."""
         return {}
+
+    def append_missing(
+        self,
+        path: Path,
+        metadata: dict[str, Any],
+        samples: SampleTable,
+        encode: Callable[[SampleTable], MemoryBank],
+        *,
+        write: bool = True,
+    ) -> SampleTable:
+        """Extend the bank at ``path`` with the images of ``samples`` it lacks (``supports_append`` kinds);
+        ``encode`` runs a memory pass over some samples. Returns the images added."""
+        raise NotImplementedError(f"memory={self.kind} banks cannot be appended to")
 
 
 def positive_or_none(value: int | None, name: str) -> int | None:

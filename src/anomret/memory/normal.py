@@ -564,6 +564,7 @@ class NormalMemorySettings(MemorySettings):
     subset_categories: list[str] | None = None
     seed: int = 0
     append: bool = False
+    supports_append: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.source not in ("train", "aux"):
@@ -632,6 +633,17 @@ class NormalMemorySettings(MemorySettings):
 
     def open(self, path: str | Path) -> NormalMemoryBank:
         return NormalMemoryBank.load(path, mmap=self.mmap)
+
+    def append_missing(
+        self,
+        path: Path,
+        metadata: dict[str, Any],
+        samples: SampleTable,
+        encode: Callable[[SampleTable], NormalMemoryBank],
+        *,
+        write: bool = True,
+    ) -> SampleTable:
+        return append_images(self, path, metadata, samples, encode, write=write)
 
 
 def append_images(
