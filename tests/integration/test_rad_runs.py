@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +17,7 @@ from safetensors.torch import load_file
 from anomret.memory.normal import NormalMemoryBank
 from anomret.memory.store import BankError, read_bank_metadata
 from anomret.metrics.evaluator import METRIC_KEYS
-from anomret.pipeline import append_memory, run
+from anomret.pipeline import append_memory, predict, run
 
 from .test_train_eval import SYNTHETIC_A, _cli
 
@@ -41,7 +44,7 @@ def test_demo_rad_command_writes_results_overlays_and_a_normal_bank(tmp_path, da
     assert all("/train/" in row[0] for row in metadata["images"]), "RAD's memory is the train split"
 
 
-def test_eval_with_the_saved_bank_reproduces_the_run_and_k_is_checked_first(compose_config, tmp_path):
+def test_eval_and_predict_with_the_saved_bank_and_k_is_checked_first(compose_config, tmp_path, data_dir):
     bank = tmp_path / "rad.safetensors"
     trained = run(compose_config(["+experiment=demo_rad", f"memory.path={bank}"]), fit=True)
     assert not list(tmp_path.glob(".*.tmp")), "the memory pass's scratch files are removed"
@@ -55,6 +58,19 @@ def test_eval_with_the_saved_bank_reproduces_the_run_and_k_is_checked_first(comp
                 compose_config(["+experiment=demo_rad", f"memory.path={bank}", "encoder.seed=1"], entry),
                 fit=entry == "config",
             )
+
+    # predict applies the saved RAD bank to a folder of unlabelled images, as it does an MRAD bank.
+    images = tmp_path / "mine"
+    images.mkdir()
+    for category, kind in (("wood", "spot"), ("pill", "good")):
+        source = data_dir / "synthetic" / "synthetic_a" / category / "test" / kind / "000.png"
+        shutil.copy(source, images / f"{category}.png")
+    cfg = compose_config(["+experiment=demo_rad", f"memory.path={bank}", f"input={images}"], "predict")
+    rows = list(csv.DictReader(predict(cfg).open()))
+    assert sorted(Path(row["image_path"]).name for row in rows) == ["pill.png", "wood.png"]
+    assert all(math.isfinite(float(row["image_score"])) for row in rows)
+    maps = sorted((tmp_path / "run" / "maps").glob("*.npy"))
+    assert [np.load(m).shape for m in maps] == [(cfg.model.map_size, cfg.model.map_size)] * 2
 
     # K larger than the memory: refused before the memory pass, naming both numbers.
     with pytest.raises(ValueError, match=r"retrieval\.k=31 is larger than the memory \(30 images\)"):
