@@ -17,8 +17,8 @@ writes each batch's rows to scratch files beside the bank as they arrive (:class
 and the file is written from them piece by piece.
 
 A bank built from some categories can be extended with the normal images of new ones
-(:func:`append_images`): only the new images are encoded, and the result has the same rows and
-fingerprint as a bank built from all of them at once (the paper's incremental onboarding).
+(:meth:`NormalMemorySettings.append_missing`): only the new images are encoded, and the result has
+the same rows and fingerprint as a bank built from all of them at once (the paper's incremental onboarding).
 """
 
 from __future__ import annotations
@@ -643,57 +643,45 @@ class NormalMemorySettings(MemorySettings):
         *,
         write: bool = True,
     ) -> SampleTable:
-        return append_images(self, path, metadata, samples, encode, write=write)
+        """Extend the bank at ``path`` with the images of ``samples`` it lacks; returns the images added.
 
-
-def append_images(
-    settings: NormalMemorySettings,
-    path: Path,
-    metadata: dict[str, Any],
-    samples: SampleTable,
-    encode: Callable[[SampleTable], NormalMemoryBank],
-    *,
-    write: bool = True,
-) -> SampleTable:
-    """Extend the bank at ``path`` with the images of ``samples`` it lacks; returns the images added.
-
-    ``metadata`` is what this run would build (kind, source, encoder, build settings); ``encode`` runs
-    the memory pass over some samples (every process of a DDP run calls this; only the one with
-    ``write`` rewrites the file). The extended bank keeps the old rows, then the new ones, and records
-    the data fingerprint of all its images, so it equals a bank built from them in that order.
-    Raises :class:`BankError` for a bank of another encoder, kind or settings, or whose images changed.
-    """
-    stored = read_bank_metadata(path)
-    if stored.get("kind") != settings.kind:
-        raise BankError(
-            f"cannot append to {path}: it is a '{stored.get('kind')}' bank, not a normal-image bank"
-        )
-    check_bank(path, metadata["encoder"], stored.get("build", {}))  # raises for another encoder
-    ours = {k: v for k, v in metadata["build"].items() if k != "data"}
-    theirs = {k: v for k, v in stored.get("build", {}).items() if k != "data"}
-    if ours != theirs:
-        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise BankError(
-            f"cannot append to {path}: it was built with other {', '.join(changed)}. Fix: use the settings it "
-            "was built with, or build a new bank (another memory.path)."
-        )
-    old_rows = stored.get("images") or []
-    by_path = {row[0]: row for row in old_rows}
-    rows = sample_rows(samples)
-    changed_images = [row[0] for row in rows if row[0] in by_path and by_path[row[0]] != row]
-    if changed_images:
-        raise BankError(
-            f"cannot append to {path}: {len(changed_images)} of its images changed on disk since it was built "
-            f"(e.g. {changed_images[0]}). Fix: memory.rebuild=true to build it again."
-        )
-    missing = SampleTable([s for s, row in zip(samples, rows, strict=True) if row[0] not in by_path])
-    if not missing:
+        ``metadata`` is what this run would build (kind, source, encoder, build settings); ``encode`` runs
+        the memory pass over some samples (every process of a DDP run calls this; only the one with
+        ``write`` rewrites the file). The extended bank keeps the old rows, then the new ones, and records
+        the data fingerprint of all its images, so it equals a bank built from them in that order.
+        Raises :class:`BankError` for a bank of another encoder, kind or settings, or whose images changed.
+        """
+        stored = read_bank_metadata(path)
+        if stored.get("kind") != self.kind:
+            raise BankError(
+                f"cannot append to {path}: it is a '{stored.get('kind')}' bank, not a normal-image bank"
+            )
+        check_bank(path, metadata["encoder"], stored.get("build", {}))  # raises for another encoder
+        ours = {k: v for k, v in metadata["build"].items() if k != "data"}
+        theirs = {k: v for k, v in stored.get("build", {}).items() if k != "data"}
+        if ours != theirs:
+            changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise BankError(
+                f"cannot append to {path}: it was built with other {', '.join(changed)}. Fix: use the settings it "
+                "was built with, or build a new bank (another memory.path)."
+            )
+        old_rows = stored.get("images") or []
+        by_path = {row[0]: row for row in old_rows}
+        rows = sample_rows(samples)
+        changed_images = [row[0] for row in rows if row[0] in by_path and by_path[row[0]] != row]
+        if changed_images:
+            raise BankError(
+                f"cannot append to {path}: {len(changed_images)} of its images changed on disk since it was built "
+                f"(e.g. {changed_images[0]}). Fix: memory.rebuild=true to build it again."
+            )
+        missing = SampleTable([s for s, row in zip(samples, rows, strict=True) if row[0] not in by_path])
+        if not missing:
+            return missing
+        log.info("appending %d image(s) of %s to memory bank %s", len(missing), missing.categories, path)
+        part = encode(missing)
+        if write:
+            all_rows = old_rows + sample_rows(missing)
+            build = {**metadata["build"], "data": fingerprint_of_rows(all_rows)}
+            old = NormalMemoryBank.load(path, mmap=True)
+            write_concatenated(path, old, part, {**metadata, "build": build, "images": all_rows})
         return missing
-    log.info("appending %d image(s) of %s to memory bank %s", len(missing), missing.categories, path)
-    part = encode(missing)
-    if write:
-        all_rows = old_rows + sample_rows(missing)
-        build = {**metadata["build"], "data": fingerprint_of_rows(all_rows)}
-        old = NormalMemoryBank.load(path, mmap=True)
-        write_concatenated(path, old, part, {**metadata, "build": build, "images": all_rows})
-    return missing
