@@ -27,6 +27,8 @@ from anomret.models.mrad_ft import MRADFT
 from anomret.models.official_checkpoint import official_state_dicts
 from anomret.pipeline import ConfigError, build, build_model, feature_store, get_or_build_bank, run
 
+from .test_train_eval import _cli
+
 
 def _compose(root: Path, data_dir: Path, overrides: list[str], config_name: str = "config") -> DictConfig:
     GlobalHydra.instance().clear()
@@ -351,28 +353,16 @@ def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
 @pytest.mark.slow
 def test_demo_commands_train_and_eval_reproduces_the_numbers(tmp_path, data_dir):
     """The commands as a user types them (covered in-process by the checkpoint test above)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "ANOMRET_ROOT": str(tmp_path), "ANOMRET_DATA_DIR": str(data_dir)}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-
-    def cli(module: str, *args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", module, "+experiment=demo_mrad_ft", "logger=none", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    cli("anomret.train", f"hydra.run.dir={tmp_path / 'train'}")
+    common = ["+experiment=demo_mrad_ft", "logger=none"]
+    _cli("anomret.train", [*common, f"hydra.run.dir={tmp_path / 'train'}"], tmp_path, data_dir)
     ckpt = json.loads((tmp_path / "train" / "artifacts.json").read_text())["checkpoint"]
     assert Path(ckpt).stat().st_size < 400_000
-    cli("anomret.eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
+    _cli(
+        "anomret.eval",
+        [*common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"],
+        tmp_path,
+        data_dir,
+    )
     assert _results(tmp_path / "eval") == _results(tmp_path / "train")
 
 
