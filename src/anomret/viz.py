@@ -7,14 +7,10 @@ rather than per image, so a normal image looks calm instead of being stretched t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch import Tensor
 
 # Jet colour map as piecewise-linear anchors (position, r, g, b).
 _JET = np.array(
@@ -38,19 +34,6 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     scaled = np.clip((values - vmin) / span, 0.0, 1.0)
     channels = [np.interp(scaled, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)]
     return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
-
-
-def denormalize(
-    image: Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
-) -> np.ndarray:
-    """A normalised ``[3, H, W]`` tensor back to uint8 ``[size, size, 3]``."""
-    image = image.detach().float().cpu()
-    if size is not None and image.shape[-1] != size:
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    pixels = (image * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
-    return (pixels * 255).round().astype(np.uint8)
 
 
 def outline(mask: np.ndarray) -> np.ndarray:

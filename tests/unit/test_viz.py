@@ -1,7 +1,6 @@
 import numpy as np
-import torch
 
-from anomret.viz import colorize, denormalize, outline, overlay_panel, save_png
+from anomret.viz import colorize, outline, overlay_panel, save_png
 
 
 def test_colorize_uses_the_given_range_not_the_image_range():
@@ -10,15 +9,6 @@ def test_colorize_uses_the_given_range_not_the_image_range():
     assert calm[0, 0, 2] > calm[0, 0, 0]  # low scores are blue
     assert hot[0, 0, 0] > hot[0, 0, 2]  # high scores are red
     assert colorize(np.array([[5.0]]), 0.0, 1.0).tolist() == hot[:1, :1].tolist()  # clipped
-
-
-def test_denormalize_inverts_normalisation():
-    pixels = torch.rand(3, 8, 8)
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-    normalised = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    out = denormalize(normalised, mean, std)
-    np.testing.assert_allclose(out, (pixels.permute(1, 2, 0).numpy() * 255).round(), atol=1)
-    assert denormalize(normalised, mean, std, size=16).shape == (16, 16, 3)
 
 
 def test_outline_is_the_boundary_of_the_mask():
