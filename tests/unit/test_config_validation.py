@@ -26,8 +26,14 @@ def test_feature_store_needs_a_directory(compose_config):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("memory.max_patch_entries=-1", r"memory.max_patch_entries must be a positive integer or null"),
-        ("memory.max_image_entries=0", r"memory.max_image_entries must be a positive integer or null"),
+        (
+            "memory.max_patch_entries=-1",
+            r"memory.max_patch_entries must be an integer >= 1 or null \(keep everything\)",
+        ),
+        (
+            "memory.max_image_entries=0",
+            r"memory.max_image_entries must be an integer >= 1 or null \(keep everything\)",
+        ),
         ("memory.layer=7", r"memory.layer=7 is not extracted by the encoder"),
     ],
 )
@@ -66,6 +72,23 @@ def test_model_values_are_checked_at_construction(compose_config, tmp_path, over
 
     with pytest.raises(ValueError, match=message):
         run(compose_config(["+experiment=demo", override]), fit=True)
+    assert not list(tmp_path.glob(".cache/banks/*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("retrieval.k=0", r"retrieval.k must be an integer >= 1 or null \(every memory image"),
+        ("retrieval.rho=-1", r"retrieval.rho must be an integer >= 0 or null \(the whole grid"),
+        ("retrieval.tile=0", r"retrieval.tile must be an integer >= 1, got 0"),
+        ("memory.shots=0", r"memory.shots must be an integer >= 1 or null \(every train image\)"),
+    ],
+)
+def test_rad_values_are_checked_before_the_memory_pass(compose_config, tmp_path, override, message):
+    from anomret.pipeline import run
+
+    with pytest.raises(ValueError, match=message):
+        run(compose_config(["+experiment=demo_rad", override]), fit=True)
     assert not list(tmp_path.glob(".cache/banks/*.safetensors"))
 
 

@@ -114,12 +114,3 @@ class MemorySettings:
         """Extend the bank at ``path`` with the images of ``samples`` it lacks (``supports_append`` kinds);
         ``encode`` runs a memory pass over some samples. Returns the images added."""
         raise NotImplementedError(f"memory={self.kind} banks cannot be appended to")
-
-
-def positive_or_none(value: int | None, name: str) -> int | None:
-    """Validate an optional positive integer setting, with the allowed range in the message."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or null (keep everything), got {value!r}")
-    return value

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomret.checks import integer_at_least
 from anomret.encoders.base import Encoder, Features
-from anomret.memory.base import MemorySettings, positive_or_none
+from anomret.memory.base import MemorySettings
 from anomret.memory.store import BankError, TensorSpec, load_bank, save_bank, validate_tensors
 
 log = logging.getLogger(__name__)
@@ -286,8 +287,8 @@ class LabeledMemorySettings(MemorySettings):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive_or_none(self.max_image_entries, "memory.max_image_entries")
-        positive_or_none(self.max_patch_entries, "memory.max_patch_entries")
+        integer_at_least(self.max_image_entries, "memory.max_image_entries", 1, none="keep everything")
+        integer_at_least(self.max_patch_entries, "memory.max_patch_entries", 1, none="keep everything")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"memory.seed must be a non-negative integer, got {self.seed!r}")
 

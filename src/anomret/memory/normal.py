@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomret.checks import integer_at_least
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
-from anomret.memory.base import MemorySettings, positive_or_none
+from anomret.memory.base import MemorySettings
 from anomret.memory.spill import MergedRows, RowSpill, SpillInfo, release_freed_memory
 from anomret.memory.store import (
     BankError,
@@ -571,7 +572,7 @@ class NormalMemorySettings(MemorySettings):
             raise ValueError(f"memory.source must be 'train' or 'aux', got {self.source!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"memory.dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}")
-        positive_or_none(self.shots, "memory.shots")
+        integer_at_least(self.shots, "memory.shots", 1, none="every train image")
         if self.fraction is not None:
             if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
                 raise ValueError(f"memory.fraction must be a number in (0, 1] or null, got {self.fraction!r}")

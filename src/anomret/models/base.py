@@ -58,14 +58,6 @@ class ScoredBatch:
     image_retrieval: Tensor | None  # [B] or None
 
 
-def _check_unit_interval(value: float, name: str, *, open_low: bool = False) -> float:
-    low_ok = value > 0 if open_low else value >= 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
 class RetrievalModule(LightningModule):
     """Shared loops of the retrieval methods (see the module docstring).
 
@@ -98,8 +90,8 @@ class RetrievalModule(LightningModule):
         top_k_ratio: float = 0.01,
     ) -> None:
         super().__init__()
-        self.image_score_weight = _check_unit_interval(image_score_weight, "model.image_score_weight")
-        self.top_k_ratio = _check_unit_interval(top_k_ratio, "model.top_k_ratio", open_low=True)
+        self.image_score_weight = number_in(image_score_weight, "model.image_score_weight", 0.0, 1.0)
+        self.top_k_ratio = number_in(top_k_ratio, "model.top_k_ratio", 0.0, 1.0, low_open=True)
         integer_at_least(map_size, "model.map_size", 1)
         number_in(map_sigma, "model.map_sigma", 0.0)  # 0: no blur
         kernel = integer_at_least(map_kernel_size, "model.map_kernel_size", 1, none="scipy's truncate rule")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomret.checks import integer_at_least
+
 _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 
 
@@ -396,16 +398,10 @@ class SpatialRetrieval:
     tile: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("k", "neighbor_chunk", "query_chunk", "tile"):
-            value = getattr(self, name)
-            if value is None and name == "k":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"retrieval.{name} must be a positive integer, got {value!r}")
-        if self.rho is not None and (
-            isinstance(self.rho, bool) or not isinstance(self.rho, int) or self.rho < 0
-        ):
-            raise ValueError(f"retrieval.rho must be a non-negative integer or null, got {self.rho!r}")
+        integer_at_least(self.k, "retrieval.k", 1, none="every memory image: no global retrieval")
+        integer_at_least(self.rho, "retrieval.rho", 0, none="the whole grid: no spatial conditioning")
+        for name in ("neighbor_chunk", "query_chunk", "tile"):
+            integer_at_least(getattr(self, name), f"retrieval.{name}", 1)
 
     def k_for(self, n_bank: int) -> int:
         """The K used with a memory of ``n_bank`` images; a clear error when it cannot be met."""
