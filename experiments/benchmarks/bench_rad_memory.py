@@ -80,7 +80,8 @@ def paper_shape(
     work: Path, n_bank: int, k: int, rho: int, images: int, device: str, repeats: int
 ) -> dict[str, dict]:
     from anomret.encoders.base import Features
-    from anomret.memory.normal import NormalBankBuilder, NormalMemoryBank
+    from anomret.memory.normal_bank import NormalMemoryBank
+    from anomret.memory.normal_builder import NormalBankBuilder
     from anomret.retrieval.spatial import SpatialRetrieval
 
     layers, grid, dim = (3, 6, 9, 11), 28, 768
@@ -157,7 +158,7 @@ def _build_worker(rank: int, world: int, port: int, args: dict) -> None:
 
     from anomret.distributed import all_gather
     from anomret.encoders.base import Features
-    from anomret.memory.normal import NormalBankBuilder
+    from anomret.memory.normal_builder import NormalBankBuilder
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

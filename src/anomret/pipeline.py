@@ -36,7 +36,7 @@ from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
 from anomret.memory.cache import bank_identity, find_bank, plan_bank
 from anomret.memory.store import BankError, check_bank, read_bank_metadata
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 from anomret.models.base import RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
 
@@ -482,9 +482,7 @@ def append_memory(cfg: DictConfig) -> Path:
     output_dir = prepare_run(cfg)
     settings: MemorySettings = build(cfg.memory)
     if not settings.path:
-        raise ConfigError(
-            "anomret.memory.append needs memory.path=/path/to/bank.safetensors (the bank to extend)"
-        )
+        raise ConfigError("anomret.append needs memory.path=/path/to/bank.safetensors (the bank to extend)")
     if not settings.supports_append:
         raise ConfigError(
             f"memory={settings.kind} banks cannot be appended to; use a normal-image memory (method=rad)"

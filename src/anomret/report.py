@@ -28,7 +28,7 @@ from rich.table import Table
 
 from anomret.cli import user_errors
 from anomret.metrics.evaluator import METRIC_KEYS
-from anomret.metrics.report import METRIC_LABELS, EvaluationResult, _write_atomic
+from anomret.metrics.results import METRIC_LABELS, EvaluationResult, _write_atomic
 
 __all__ = [
     "PAPER_DATASETS",

@@ -11,7 +11,8 @@ import pytest
 from anomret.data.datasets import get_spec
 from anomret.data.errors import DataError, InvalidSampleError, LayoutError, UnknownDatasetError
 from anomret.data.meta import read_meta_json
-from anomret.data.prepare import DATASETS, build_meta, main, prepare
+from anomret.data.prepare import DATASETS, build_meta, prepare
+from anomret.prepare import main
 
 from .fake_trees import BUILDERS, build_tree, count, write_image, write_mask
 
@@ -227,7 +228,7 @@ def test_wrong_root_is_a_layout_error_with_tree_and_download(tmp_path: Path, nam
     spec = DATASETS[name]
     assert spec.title in message and "Expected layout" in message and "ROOT/" in message
     assert spec.download in message
-    assert f"python -m anomret.data.prepare {name} {root}" in message
+    assert f"python -m anomret.prepare {name} {root}" in message
 
 
 def test_layout_error_hints_at_a_single_nested_folder(tmp_path: Path) -> None:

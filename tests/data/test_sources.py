@@ -71,7 +71,7 @@ def test_missing_root_names_dataset_path_layout_download_and_command(tmp_path: P
     assert "'mvtec'" in message and str(root) in message and "does not exist" in message
     assert "ground_truth/<defect type>/000_mask.png" in message  # the layout sketch
     assert "https://www.mvtec.com/company/research/datasets/mvtec-ad" in message
-    assert f"python -m anomret.data.prepare mvtec {root}" in message
+    assert f"python -m anomret.prepare mvtec {root}" in message
 
 
 def test_root_without_meta_json_asks_for_the_prepare_command(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_root_without_meta_json_asks_for_the_prepare_command(tmp_path: Path) -> 
         load_source("VISA", tree.root)
     message = str(info.value)
     assert str(tree.root / "meta.json") in message
-    assert f"python -m anomret.data.prepare visa {tree.root}" in message
+    assert f"python -m anomret.prepare visa {tree.root}" in message
 
 
 def test_user_dataset_without_meta_json_explains_the_format(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_user_dataset_without_meta_json_explains_the_format(tmp_path: Path) -> N
         load_source("my_parts", tmp_path / "mine")
     message = str(info.value)
     assert "'my_parts'" in message and '"img_path"' in message and "write_meta_json" in message
-    assert "python -m anomret.data.prepare" in message
+    assert "python -m anomret.prepare" in message
 
 
 def test_user_dataset_with_meta_json_loads(tmp_path: Path) -> None:

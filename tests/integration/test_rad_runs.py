@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anomret.memory.normal import NormalMemoryBank
+from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.memory.store import BankError, read_bank_metadata
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.pipeline import append_memory, predict, run

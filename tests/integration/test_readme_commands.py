@@ -48,9 +48,9 @@ REPORT_SWEEP = "python -m anomret.train -m +experiment=mrad_tf_mvtec model.image
 
 # Commands run, in README order, with substitutions of their own (a sweep of two jobs keeps it short).
 RUN: dict[str, list[tuple[str, str]]] = {
-    "python -m anomret.data.prepare mvtec data/mvtec_anomaly_detection": [],
-    "python -m anomret.data.prepare --list": [],
-    "python -m anomret.data.prepare folder data/mine": [],
+    "python -m anomret.prepare mvtec data/mvtec_anomaly_detection": [],
+    "python -m anomret.prepare --list": [],
+    "python -m anomret.prepare folder data/mine": [],
     "python -m anomret.train +experiment=mrad_tf_mvtec dataset=folder dataset.root=data/mine": [],
     "python -m anomret.train +experiment=mrad_tf_mvtec": [],
     "python -m anomret.eval +experiment=mrad_tf_mvtec dataset=mpdd memory.path=.cache/banks/<bank>.safetensors": [],

@@ -22,14 +22,11 @@ import anomret
 from anomret.data.samples import Sample, SampleTable
 from anomret.encoders.base import Features
 from anomret.encoders.timm_vit import TimmViTEncoder
-from anomret.memory.normal import (
-    NormalBankBuilder,
-    NormalMemoryBank,
-    NormalMemorySettings,
-    PatchRows,
-    quantize_int8,
-    select_images,
-)
+from anomret.memory.fewshot import select_images
+from anomret.memory.normal import NormalMemorySettings
+from anomret.memory.normal_bank import NormalMemoryBank
+from anomret.memory.normal_builder import NormalBankBuilder
+from anomret.memory.rows import PatchRows, quantize_int8
 from anomret.memory.spill import SpillInfo
 from anomret.memory.store import BankError
 from anomret.metrics.evaluator import CategoryEvaluator
@@ -310,7 +307,7 @@ def test_rows_go_to_scratch_files_beside_the_bank_as_they_arrive(tmp_path):
 _KILLED_BUILD = """
 import os, signal, sys, torch
 from anomret.encoders.base import Features
-from anomret.memory.normal import NormalBankBuilder
+from anomret.memory.normal_builder import NormalBankBuilder
 builder = NormalBankBuilder((1,), "fp16", __import__("pathlib").Path(sys.argv[1]))
 builder.add(Features(torch.ones(2, 4), {1: torch.ones(2, 2, 2, 4)}), {"index": torch.arange(2)})
 os.kill(os.getpid(), signal.SIGKILL)
@@ -336,7 +333,7 @@ _MEASURED_BUILD = """
 import resource, sys, torch
 from pathlib import Path
 from anomret.encoders.base import Features
-from anomret.memory.normal import NormalBankBuilder
+from anomret.memory.normal_builder import NormalBankBuilder
 target, n, batch = Path(sys.argv[1]), 256, 8
 builder = NormalBankBuilder((1, 2), "fp32", target)
 for start in range(0, n, batch):
@@ -449,7 +446,7 @@ def test_scores_from_stored_rows_equal_scores_from_dequantised_rows(tmp_path, dt
 def test_streamed_bank_file_equals_the_one_save_writes(tmp_path):
     from safetensors.torch import load_file
 
-    from anomret.memory.normal import write_concatenated
+    from anomret.memory.normal_bank import write_concatenated
     from anomret.memory.store import read_bank_metadata
 
     features = random_features(7, seed=13)

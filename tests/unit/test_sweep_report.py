@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from anomret.metrics.evaluator import METRIC_KEYS
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 from anomret.report import PAPER_DATASETS, ReportError, collect, main, paper_table
 
 NAN = math.nan

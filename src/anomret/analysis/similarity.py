@@ -39,8 +39,8 @@ from anomret.config import config_dir
 from anomret.files import atomic_path, write_text_atomic
 from anomret.memory.labeled import patch_cell_labels
 from anomret.models.checkpoint import load_checkpoint, restore
-from anomret.models.mrad import MRADTF
 from anomret.models.mrad_ft import MRADFT
+from anomret.models.mrad_tf import MRADTF
 from anomret.pipeline import build, build_model, feature_store, load_saved_bank, prepare_run
 
 log = logging.getLogger(__name__)

@@ -68,14 +68,14 @@ def load_meta(root: str | Path, filename: str = META_FILENAME) -> Meta:
         raise DataError(
             f"{path} is not valid JSON ({error}).\n"
             "Fix: it was probably cut short by an interrupted write; regenerate it with "
-            "python -m anomret.data.prepare NAME ROOT --force."
+            "python -m anomret.prepare NAME ROOT --force."
         ) from error
     if not isinstance(raw, dict) or not all(
         isinstance(per_category, dict | None) for per_category in raw.values()
     ):
         raise DataError(
             f"{path} is not a meta.json index: expected {{split: {{category: [record, ...]}}}} with splits "
-            f"{SPLITS}.\nFix: regenerate it with python -m anomret.data.prepare NAME ROOT --force."
+            f"{SPLITS}.\nFix: regenerate it with python -m anomret.prepare NAME ROOT --force."
         )
     return {str(split).lower(): dict(per_category or {}) for split, per_category in raw.items()}
 

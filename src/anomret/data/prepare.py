@@ -1,11 +1,6 @@
 """Index a downloaded benchmark: write ``ROOT/meta.json`` from the dataset's published folder layout.
 
-Usage::
-
-    python -m anomret.data.prepare NAME ROOT [--force] [--dry-run]
-    python -m anomret.data.prepare --list
-
-NAME is one of ``DATASETS`` (case-insensitive): mvtec, visa, btad, mpdd, dtd, sdd, ksdd2, dagm,
+The command line is ``python -m anomret.prepare`` (:mod:`anomret.prepare`). NAME is one of ``DATASETS`` (case-insensitive): mvtec, visa, btad, mpdd, dtd, sdd, ksdd2, dagm,
 headct, brainmri, br35h, isic, colondb, clinicdb, kvasir, endo, realiad, 3dadam; or ``folder`` for any
 folder in MVTec layout with categories of any name (your own images). The index has the AnomalyCLIP/MRAD
 format (:mod:`anomret.data.meta`), so the official codes can read it too. Nothing is copied,
@@ -14,18 +9,15 @@ converted or re-binarised: records point at the published files.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anomret.cli import user_errors
 from anomret.data.datasets import DATASETS, READERS, DatasetSpec, get_spec
 from anomret.data.errors import DataError, DatasetNotFoundError, UnknownDatasetError
 from anomret.data.meta import META_FILENAME, SPLITS, Meta, write_meta_json
 
-__all__ = ["DATASETS", "READERS", "build_meta", "main", "prepare", "resolve_spec", "summarize"]
+__all__ = ["DATASETS", "READERS", "build_meta", "prepare", "prepare_meta", "resolve_spec", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +29,7 @@ def resolve_spec(name: str) -> DatasetSpec:
         raise UnknownDatasetError(
             f"unknown dataset '{name}'; the prepare command knows: {', '.join(READERS)}.\n"
             "Fix: use one of those names; for your own images in MVTec layout (any category names) use "
-            "'folder': python -m anomret.data.prepare folder ROOT."
+            "'folder': python -m anomret.prepare folder ROOT."
         )
     return spec
 
@@ -64,10 +56,10 @@ def prepare(name: str, root: str | Path, force: bool = False) -> Path:
             (:class:`~anomret.data.errors.LayoutError`), or samples do not pair up
             (:class:`~anomret.data.errors.InvalidSampleError`).
     """
-    return _prepare(name, root, force)[0]
+    return prepare_meta(name, root, force)[0]
 
 
-def _prepare(name: str, root: str | Path, force: bool) -> tuple[Path, Meta]:
+def prepare_meta(name: str, root: str | Path, force: bool) -> tuple[Path, Meta]:
     spec = resolve_spec(name)
     root = Path(root).expanduser()
     target = root / META_FILENAME
@@ -115,60 +107,3 @@ def summarize(meta: Meta) -> str:
         )
 
     return "\n".join([line(header), *(line(row) for row in rows)])
-
-
-def _list_datasets() -> str:
-    lines = []
-    for spec in READERS.values():
-        flags = ", ".join(
-            flag for flag, on in (("masks", spec.has_masks), ("train split", spec.has_train_split)) if on
-        )
-        lines.append(
-            f"{spec.name:<9} {spec.title}  [{flags or 'image labels only'}]\n          {spec.download}"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    with user_errors(hydra=False):
-        return _main(argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m anomret.data.prepare",
-        description="Write ROOT/meta.json for a downloaded anomaly-detection benchmark.",
-        epilog=f"datasets: {', '.join(READERS)} (--list shows layouts and download links)",
-    )
-    parser.add_argument("name", nargs="?", help="dataset name (case-insensitive)")
-    parser.add_argument("root", nargs="?", help="the dataset folder, as extracted from its archive")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing meta.json")
-    parser.add_argument("--dry-run", action="store_true", help="index and print the summary, write nothing")
-    parser.add_argument("--list", action="store_true", help="list the known datasets and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    if args.list:
-        print(_list_datasets())
-        return 0
-    if args.name is None or args.root is None:
-        parser.error("NAME and ROOT are required (or --list)")
-    try:
-        spec = resolve_spec(args.name)
-        root = Path(args.root).expanduser()
-        if args.dry_run:
-            meta = build_meta(spec.name, root)
-            print(f"{spec.title} at {root} (dry run, nothing written)")
-        else:
-            target, meta = _prepare(spec.name, root, force=args.force)
-            print(f"{spec.title}: wrote {target}")
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(summarize(meta))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ per-category evaluation consume it. Paths are absolute once a table is built.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 NORMAL = 0
@@ -104,6 +104,3 @@ class SampleTable(Sequence[Sample]):
         """True when every anomalous sample comes with a pixel mask."""
         anomalous = [s for s in self._samples if s.is_anomalous]
         return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
-
-    def with_source(self, source: str) -> SampleTable:
-        return SampleTable(replace(sample, source=source) for sample in self._samples)

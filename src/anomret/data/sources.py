@@ -117,7 +117,7 @@ def _check_root(label: str, root: Path, spec: DatasetSpec | None) -> None:
         how = (
             "write ROOT/meta.json in the format above (anomret.data.meta.write_meta_json writes it). "
             f"'{label}' is not a dataset anomret can index by itself; if the folder is one of "
-            f"{', '.join(DATASETS)}, run: python -m anomret.data.prepare <that name> {shlex.quote(str(root))}"
+            f"{', '.join(DATASETS)}, run: python -m anomret.prepare <that name> {shlex.quote(str(root))}"
         )
         index = f"Fix: {how}"
         place = f"Fix: set the dataset root to the folder that holds your meta.json; to create one, {how}"
@@ -216,7 +216,7 @@ def validate_samples(samples: SampleTable, *, dataset: str = "dataset") -> None:
             f"dataset '{dataset}': {len(missing)} file(s) referenced by meta.json do not exist:\n"
             f"{format_paths(missing)}\n"
             "Fix: the dataset is incomplete or has moved; restore the files, or re-index it with "
-            "python -m anomret.data.prepare NAME ROOT --force."
+            "python -m anomret.prepare NAME ROOT --force."
         )
     for sample, mask in used:
         size = _checked(sample.image_path, dataset)
@@ -240,6 +240,6 @@ def _checked(path: Path, dataset: str) -> tuple[int, int]:
         if "Fix:" not in message:
             message += (
                 "\nFix: re-download or re-extract the file, or remove it from the dataset and index it again "
-                "(python -m anomret.data.prepare NAME ROOT --force)."
+                "(python -m anomret.prepare NAME ROOT --force)."
             )
         raise InvalidSampleError(f"dataset '{dataset}': {message}") from error

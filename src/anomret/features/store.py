@@ -25,7 +25,7 @@ from torch import Tensor
 
 from anomret.encoders.base import Features, Preprocess
 from anomret.files import atomic_path, remove_stale_temporaries
-from anomret.memory.store import digest
+from anomret.fingerprint import digest
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,6 @@ def features_to_tensors(features: Features, index: int) -> dict[str, Tensor]:
     tensors.update({f"patches.{layer}": grid[index] for layer, grid in features.patches.items()})
     tensors.update({f"projected.{layer}": grid[index] for layer, grid in features.projected.items()})
     return tensors
-
-
-def tensors_to_features(items: list[dict[str, Tensor]]) -> Features:
-    """Stack the named tensors of several images back into batched ``Features``."""
-    names = items[0].keys()
-
-    def stacked(name: str) -> Tensor:
-        return torch.stack([item[name] for item in items])
-
-    return Features(
-        cls=stacked("cls"),
-        patches={int(n.split(".", 1)[1]): stacked(n) for n in names if n.startswith("patches.")},
-        projected={int(n.split(".", 1)[1]): stacked(n) for n in names if n.startswith("projected.")},
-    )
 
 
 class FeatureStore:

@@ -77,7 +77,7 @@ class MemorySettings:
     # True when the bank a builder returns reads its rows from the builder's scratch files (bounded
     # building): the saved file replaces it on every process, and the builders are closed.
     streams_build: ClassVar[bool] = False
-    # True for kinds whose banks can take new images without a rebuild (memory.append, anomret.memory.append).
+    # True for kinds whose banks can take new images without a rebuild (memory.append, anomret.append).
     supports_append: ClassVar[bool] = False
 
     def build_settings(self, encoder: Encoder) -> dict[str, Any]:

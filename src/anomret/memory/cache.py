@@ -18,13 +18,13 @@ from typing import Any
 
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder
+from anomret.fingerprint import digest
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.store import (
     BankError,
     BankStatus,
     check_bank,
     data_fingerprint,
-    digest,
     read_bank_metadata,
 )
 

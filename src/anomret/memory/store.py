@@ -8,7 +8,6 @@ that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from anomret.data.samples import Sample
 from anomret.files import atomic_path, remove_stale_temporaries
+from anomret.fingerprint import digest
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ METADATA_KEY = "anomret"
 
 class BankError(RuntimeError):
     """A memory bank file cannot be used: missing, unreadable, or built for something else."""
-
-
-def digest(obj: Any) -> str:
-    """Stable sha256 of a JSON-able object (sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def data_fingerprint(samples: Iterable[Sample], root: str | Path | None = None) -> dict[str, Any]:

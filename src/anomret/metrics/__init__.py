@@ -3,7 +3,7 @@
 from anomret.metrics.classes import AUPRO, AUROC, AveragePrecision, F1Max
 from anomret.metrics.evaluator import METRIC_KEYS, CategoryEvaluator
 from anomret.metrics.functional import aupro, auroc, average_precision, binary_metrics, f1_max
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 
 __all__ = [
     "AUPRO",

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from anomret.checks import integer_at_least, number_in
 from anomret.metrics import functional
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 
 __all__ = ["METRIC_KEYS", "CategoryEvaluator"]
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from anomret.distributed import broadcast_from_zero, gather_to_zero
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 
 
 class GatheredEvaluation:

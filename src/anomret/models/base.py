@@ -34,7 +34,7 @@ from anomret.maps import AnomalyMapper, top_k_mean
 from anomret.memory.base import MemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.metrics.gathered import GatheredEvaluation
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from anomret.encoders.base import Encoder, Features
 from anomret.losses import image_retrieval_loss, segmentation_loss
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.mrad import MRADTF
+from anomret.models.mrad_tf import MRADTF
 from anomret.models.official_checkpoint import load_official_checkpoint
 from anomret.models.projections import MRADProjectionHeads, ProjectedMemory
 from anomret.retrieval.softmax import SoftmaxRetriever
@@ -55,7 +55,7 @@ class MRADFT(MRADTF):
 
     Args:
         encoder, retrieval, evaluator, map_size, map_sigma, image_score_weight, top_k_ratio: see
-            :class:`~anomret.models.mrad.MRADTF` (``retrieval`` is kept for the MRAD-TF comparison).
+            :class:`~anomret.models.mrad_tf.MRADTF` (``retrieval`` is kept for the MRAD-TF comparison).
         out_dim: projected dimension of both levels (``None``: the encoder's image dimension, 768 for
             ViT-L/14 as in the official code).
         patch_drop_ratio / image_drop_ratio: similarity dropout in training (0.2 / 0.05; the official

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from anomret.encoders.base import Encoder, Features
-from anomret.memory.normal import NormalMemoryBank
+from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.models.base import MethodOutput, RetrievalModule
 from anomret.retrieval.spatial import SpatialRetrieval, layer_weights

@@ -1,4 +1,4 @@
-"""Your own images in MVTec layout, with any category names: ``python -m anomret.data.prepare folder ROOT``.
+"""Your own images in MVTec layout, with any category names: ``python -m anomret.prepare folder ROOT``.
 
 Every sub-folder of ROOT holding ``test/`` (or ``train/``) is a category, named after the folder. Images
 go in one folder per type (``good`` is normal, any other name is a defect type); masks, when there are

@@ -65,7 +65,7 @@ class DatasetSpec:
 
     def prepare_command(self, root: str | Path) -> str:
         """The shell command that indexes ``root`` as this dataset (quoted for copy and paste)."""
-        return f"python -m anomret.data.prepare {self.name} {shlex.quote(str(root))}"
+        return f"python -m anomret.prepare {self.name} {shlex.quote(str(root))}"
 
     def layout_error(self, root: Path, problem: str) -> LayoutError:
         """A :class:`LayoutError` saying what was found, what was expected and where to get it."""

@@ -5,7 +5,7 @@ import math
 import pytest
 from rich.console import Console
 
-from anomret.metrics.report import EvaluationResult
+from anomret.metrics.results import EvaluationResult
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 

@@ -1,4 +1,4 @@
-"""``python -m anomret.memory.append +experiment=NAME memory.path=BANK dataset.categories=[...]``.
+"""``python -m anomret.append +experiment=NAME memory.path=BANK dataset.categories=[...]``.
 
 Adds the normal images of new categories (every memory-source image the bank lacks) to an existing RAD
 bank without encoding its images again: the incremental onboarding of the RAD paper. The result is the
