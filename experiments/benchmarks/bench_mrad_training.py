@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine
 
 from anomret.config import config_dir
-from anomret.data.dataset import collate_items
+from anomret.data.batch import collate_items
 from anomret.features.store import FeatureStore
 from anomret.memory.labeled import LabeledMemoryBank
 from anomret.pipeline import build, build_model, get_or_build_bank

@@ -9,7 +9,7 @@
 set -euo pipefail
 OUT=${1:-logs/reproduce/rad_ablation_a4}
 shift || true
-SINGLE_LAYER=${SINGLE_LAYER:-"model.layers=[11]"}
+SINGLE_LAYER=${SINGLE_LAYER:-"model.layers=[12]"}
 NO_GLOBAL=${NO_GLOBAL:-"retrieval.k=null"}
 NO_SPATIAL=${NO_SPATIAL:-"retrieval.rho=null"}
 

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from anomret.data.batch import Batch
 from anomret.data.io import read_image
 from anomret.data.transforms import SquareResizeCrop
 from anomret.encoders.base import Preprocess
@@ -79,7 +80,7 @@ class OverlayWriter(Callback):
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Any,
-        batch: dict[str, Any],
+        batch: Batch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
@@ -88,23 +89,23 @@ class OverlayWriter(Callback):
         maps = outputs["anomaly_map"].detach().float().cpu()
         scores = outputs["image_score"].detach().float().cpu()
         preprocess = trainer.datamodule.preprocess
-        for i, category in enumerate(batch["category"]):
+        for i, category in enumerate(batch.category):
             low, high = float(maps[i].min()), float(maps[i].max())
             bounds = self._ranges.setdefault(category, [low, high])
             bounds[0], bounds[1] = min(bounds[0], low), max(bounds[1], high)
-            label = int(batch["label"][i])
+            label = int(batch.label[i])
             if not self._wanted(category, label):
                 continue
             self._kept[category].append(
                 _Kept(
                     # Read from disk: with the feature store, a batch may hold features instead of images.
-                    image=display_image(batch["image_path"][i], preprocess, maps.shape[-1]),
+                    image=display_image(batch.image_path[i], preprocess, maps.shape[-1]),
                     anomaly_map=maps[i].numpy(),
-                    mask=batch["mask"][i].detach().cpu().numpy() > 0.5,
+                    mask=batch.mask[i].detach().cpu().numpy() > 0.5,
                     score=float(scores[i]),
                     label=label,
                     # The defect folder disambiguates stems repeated across defect types (MVTec: 000.png).
-                    name=f"{Path(batch['image_path'][i]).parent.name}_{Path(batch['image_path'][i]).stem}",
+                    name=f"{Path(batch.image_path[i]).parent.name}_{Path(batch.image_path[i]).stem}",
                 )
             )
 
@@ -185,19 +186,19 @@ class PredictionWriter(BasePredictionWriter):
         pl_module: LightningModule,
         prediction: Any,
         batch_indices: Any,
-        batch: dict[str, Any],
+        batch: Batch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         maps = prediction["anomaly_map"].detach().float().cpu().numpy()
         scores = {k: v.detach().float().cpu() for k, v in prediction.items() if k != "anomaly_map"}
-        for i, image_path in enumerate(batch["image_path"]):
+        for i, image_path in enumerate(batch.image_path):
             map_path = self.output("maps", image_path, ".npy")
             map_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(map_path, maps[i])
             # A strided subsample is enough to place the colour range; all values would not fit in memory.
             self._samples.append(maps[i].reshape(-1)[:: max(1, maps[i].size // 4096)])
-            row = {"image_path": image_path, "category": batch["category"][i]}
+            row = {"image_path": image_path, "category": batch.category[i]}
             row.update({name: float(values[i]) for name, values in scores.items()})
             row["map_max"] = float(maps[i].max())
             if self.save_maps:

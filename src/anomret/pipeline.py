@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 
 from anomret.callbacks import PredictionWriter
 from anomret.checks import integer_at_least
+from anomret.data.batch import collate_items
 from anomret.data.datamodule import check_loader_settings
-from anomret.data.dataset import AnomalyDataset, collate_items
+from anomret.data.dataset import AnomalyDataset
 from anomret.data.folder import image_folder_samples, input_base, readable_samples
 from anomret.encoders.base import Encoder
 from anomret.features.store import FeatureStore

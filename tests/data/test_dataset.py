@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from anomret.data.batch import Batch, collate_items
 from anomret.data.dataset import AnomalyDataset
 from anomret.data.errors import InvalidSampleError
 from anomret.data.samples import Sample, SampleTable
@@ -134,16 +135,20 @@ def test_unreadable_image_is_refused_at_load_time(tmp_path: Path) -> None:
         AnomalyDataset(SampleTable([_sample(broken, None, 0)]), PRE)[0]
 
 
-def test_default_collate_batches_items(pair: tuple[Path, Path]) -> None:
+def test_items_collate_into_a_typed_batch(pair: tuple[Path, Path]) -> None:
     image, mask = pair
     table = SampleTable(
         [_sample(image, mask, 1, "a"), _sample(image, None, 0, "b"), _sample(image, None, 0, "c")]
     )
-    batch = next(iter(DataLoader(AnomalyDataset(table, PRE, mask_size=8), batch_size=3)))
-    assert batch["image"].shape == (3, 3, 16, 16) and batch["mask"].shape == (3, 8, 8)
-    assert batch["label"].tolist() == [1, 0, 0] and batch["label"].dtype == torch.int64
-    assert batch["category"] == ["a", "b", "c"] and batch["image_path"] == [str(image)] * 3
-    assert batch["index"].tolist() == [0, 1, 2]
+    loader = DataLoader(AnomalyDataset(table, PRE, mask_size=8), batch_size=3, collate_fn=collate_items)
+    batch = next(iter(loader))
+    assert isinstance(batch, Batch) and len(batch) == 3
+    assert batch.image is not None and batch.image.shape == (3, 3, 16, 16) and batch.mask.shape == (3, 8, 8)
+    assert batch.label.tolist() == [1, 0, 0] and batch.label.dtype == torch.int64
+    assert batch.category == ["a", "b", "c"] and batch.image_path == [str(image)] * 3
+    assert batch.index.tolist() == [0, 1, 2] and batch.fresh.tolist() == [0, 1, 2]
+    assert batch.stored is None and batch.cached.numel() == 0 and batch.feature_key is None
+    assert batch.binary_masks.dtype == torch.int64 and batch.binary_masks.max() == 1
 
 
 def test_crop_box_rounds_like_torchvision() -> None:

@@ -21,7 +21,7 @@ TINY_DINOV3 = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 def tiny_dinov3(**overrides) -> TimmViTEncoder:
     kwargs = {
         "model_name": "vit_base_patch16_dinov3",
-        "layers": [0, 2, 3],
+        "layers": [1, 3, 4],
         "image_size": 64,
         "model_kwargs": TINY_DINOV3,
     }
@@ -32,10 +32,10 @@ def tiny_dinov3(**overrides) -> TimmViTEncoder:
 def test_tiny_vit_config_builds_fast_and_returns_grids():
     encoder = instantiate(OmegaConf.load(CONF / "tiny_vit.yaml"))
     features = encoder(torch.randn(8, 3, 64, 64))
-    assert encoder.layers == (1, 3)
+    assert encoder.layers == (2, 4)
     assert encoder.grid_size == 8
     assert features.cls.shape == (8, 64)
-    assert set(features.patches) == {1, 3}
+    assert set(features.patches) == {2, 4}
     assert all(grid.shape == (8, 8, 8, 64) for grid in features.patches.values())
     assert features.projected == {}
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
@@ -58,18 +58,19 @@ def test_dinov3_layers_norm_and_registers_match_manual_block_iteration():
         for index, block in enumerate(model.blocks):
             x = block(x, rope=rope)
             outputs[index] = model.norm(x)
-    for layer in (0, 2, 3):
-        expected = outputs[layer][:, 5:].reshape(2, 4, 4, 32)  # registers dropped, row-major grid
+    for layer in (1, 3, 4):  # block numbers count from 1: layer l is the output of blocks[l - 1]
+        expected = outputs[layer - 1][:, 5:].reshape(2, 4, 4, 32)  # registers dropped, row-major grid
         torch.testing.assert_close(features.patches[layer], expected)
     torch.testing.assert_close(features.cls, outputs[3][:, 0])
     # A grid built from the wrong token offset (registers kept) would not match.
-    assert not torch.allclose(features.patches[3], outputs[3][:, 1:17].reshape(2, 4, 4, 32))
+    assert not torch.allclose(features.patches[4], outputs[3][:, 1:17].reshape(2, 4, 4, 32))
 
 
 def test_layer_order_is_normalised_and_out_of_range_rejected():
-    assert tiny_dinov3(layers=[3, 0, 2, 2]).layers == (0, 2, 3)
-    with pytest.raises(ValueError, match="block indices"):
-        tiny_dinov3(layers=[4])
+    assert tiny_dinov3(layers=[4, 1, 3, 3]).layers == (1, 3, 4)
+    for outside in ([0], [5]):
+        with pytest.raises(ValueError, match=r"1-based block numbers in \[1, 4\]"):
+            tiny_dinov3(layers=outside)
 
 
 def test_random_weights_are_announced_and_seeded(caplog):
@@ -107,7 +108,7 @@ def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path, suffix, caplog
         loaded = tiny_dinov3(pretrained=str(path), seed=0)
     assert "RANDOM" not in caplog.text
     images = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(loaded(images).patches[3], source(images).patches[3])
+    torch.testing.assert_close(loaded(images).patches[4], source(images).patches[4])
     weights = loaded.fingerprint()["weights"]
     assert weights["kind"] == "file" and weights["path"] == str(path.resolve())
     assert weights["size"] == path.stat().st_size and len(weights["sha256_head_tail"]) == 64
@@ -115,7 +116,7 @@ def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path, suffix, caplog
 
 def test_fingerprint_follows_layers_image_size_and_weights(tmp_path):
     base = tiny_dinov3().fingerprint()
-    assert tiny_dinov3(layers=[3]).fingerprint() != base
+    assert tiny_dinov3(layers=[4]).fingerprint() != base
     assert tiny_dinov3(image_size=96).fingerprint() != base
     assert tiny_dinov3(neighbor_kernels=[1, 3]).fingerprint() != base
     path = tmp_path / "w.safetensors"
@@ -127,7 +128,7 @@ def test_fingerprint_follows_layers_image_size_and_weights(tmp_path):
 def test_image_size_changes_grid_and_must_divide_by_patch():
     encoder = tiny_dinov3(image_size=96)
     assert encoder.grid_size == 6
-    assert encoder(torch.randn(1, 3, 96, 96)).patches[0].shape == (1, 6, 6, 32)
+    assert encoder(torch.randn(1, 3, 96, 96)).patches[1].shape == (1, 6, 6, 32)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tiny_dinov3(image_size=70)
 

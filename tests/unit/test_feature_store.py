@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from anomret.data.dataset import AnomalyDataset, collate_items
+from anomret.data.batch import collate_items
+from anomret.data.dataset import AnomalyDataset
 from anomret.data.samples import Sample, SampleTable
 from anomret.encoders.base import Features, Preprocess
 from anomret.features.extractor import FeatureExtractor
@@ -82,7 +83,7 @@ def test_batches_mixing_stored_and_fresh_images_give_the_features_of_a_fresh_pas
     paths = _images(tmp_path)
     encoder = ToyEncoder()
     dataset = AnomalyDataset(_table(paths), PRE)
-    reference = encoder(collate_items([dataset[i] for i in range(5)])["image"])
+    reference = encoder(collate_items([dataset[i] for i in range(5)]).image)
 
     store = FeatureStore(tmp_path / "store", FINGERPRINT, PRE, dtype)
     stored = AnomalyDataset(_table(paths), PRE, feature_store=store)

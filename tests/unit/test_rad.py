@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import anomret
+from anomret.data.batch import Batch
 from anomret.data.samples import Sample, SampleTable
 from anomret.encoders.base import Features
 from anomret.encoders.timm_vit import TimmViTEncoder
@@ -61,7 +62,7 @@ def bank_from(
 ) -> NormalMemoryBank:
     builder = NormalBankBuilder(LAYERS, dtype)
     n = features.cls.shape[0]
-    builder.add(features, {"index": torch.arange(n)})
+    builder.add(features, Batch.unlabelled(torch.arange(n)))
     names = categories or ["a"] * n
     images = [[f"/img/{i}.png", names[i], 0, [f"/img/{i}.png", 1, 1], None] for i in range(n)]
     return builder.build({"build": {"layers": list(LAYERS), "dtype": dtype}, "images": images})
@@ -230,7 +231,9 @@ def _pick(features: Features, rows: list[int]) -> Features:
 def _feed(builder: NormalBankBuilder, features: Features, indices: list[int], batch: int = 2) -> None:
     for start in range(0, len(indices), batch):
         chosen = indices[start : start + batch]
-        builder.add(_pick(features, list(range(start, start + len(chosen)))), {"index": torch.tensor(chosen)})
+        builder.add(
+            _pick(features, list(range(start, start + len(chosen)))), Batch.unlabelled(torch.tensor(chosen))
+        )
 
 
 def _by_hand(features: Features, dtype: str) -> dict[str, torch.Tensor]:
@@ -284,14 +287,14 @@ def test_rows_go_to_scratch_files_beside_the_bank_as_they_arrive(tmp_path):
     target = tmp_path / "bank.safetensors"
     builder = NormalBankBuilder(LAYERS, "fp16", target)
     features = random_features(5, seed=11)
-    builder.add(_pick(features, [0, 1]), {"index": torch.tensor([0, 1])})
+    builder.add(_pick(features, [0, 1]), Batch.unlabelled(torch.tensor([0, 1])))
     (scratch,) = tmp_path.iterdir()  # hidden, named after the bank, this host and this process
     assert scratch.is_dir() and scratch.name.startswith(
         f".bank.safetensors.{socket.gethostname()}-{os.getpid()}."
     )
     row_bytes = GRID * GRID * DIM * 2  # fp16
     assert (scratch / "patches.1.bin").stat().st_size == 2 * row_bytes  # on disk before the pass ends
-    builder.add(_pick(features, [2, 3, 4]), {"index": torch.tensor([2, 3, 4])})
+    builder.add(_pick(features, [2, 3, 4]), Batch.unlabelled(torch.tensor([2, 3, 4])))
     assert (scratch / "patches.3.bin").stat().st_size == 5 * row_bytes
     bank = builder.build({"build": {"layers": list(LAYERS), "dtype": "fp16"}})
     assert not target.exists(), "the bank file appears only when it is saved whole"
@@ -306,10 +309,11 @@ def test_rows_go_to_scratch_files_beside_the_bank_as_they_arrive(tmp_path):
 
 _KILLED_BUILD = """
 import os, signal, sys, torch
+from anomret.data.batch import Batch
 from anomret.encoders.base import Features
 from anomret.memory.normal_builder import NormalBankBuilder
 builder = NormalBankBuilder((1,), "fp16", __import__("pathlib").Path(sys.argv[1]))
-builder.add(Features(torch.ones(2, 4), {1: torch.ones(2, 2, 2, 4)}), {"index": torch.arange(2)})
+builder.add(Features(torch.ones(2, 4), {1: torch.ones(2, 2, 2, 4)}), Batch.unlabelled(torch.arange(2)))
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -322,7 +326,7 @@ def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_p
     (left,) = tmp_path.iterdir()
     assert left.is_dir() and left.name.startswith(".bank.safetensors.") and (left / "patches.1.bin").exists()
     builder = NormalBankBuilder(LAYERS, "fp16", target)
-    builder.add(random_features(1, seed=0), {"index": torch.tensor([0])})
+    builder.add(random_features(1, seed=0), Batch.unlabelled(torch.tensor([0])))
     assert not left.exists(), "the killed writer's rows were removed"
     builder.build({"build": {"layers": list(LAYERS), "dtype": "fp16"}}).save(target)
     builder.close()
@@ -331,6 +335,7 @@ def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_p
 
 _MEASURED_BUILD = """
 import resource, sys, torch
+from anomret.data.batch import Batch
 from pathlib import Path
 from anomret.encoders.base import Features
 from anomret.memory.normal_builder import NormalBankBuilder
@@ -339,7 +344,7 @@ builder = NormalBankBuilder((1, 2), "fp32", target)
 for start in range(0, n, batch):
     generator = torch.Generator().manual_seed(start)
     grids = {layer: torch.randn(batch, 16, 16, 256, generator=generator) for layer in (1, 2)}
-    builder.add(Features(torch.randn(batch, 256, generator=generator), grids), {"index": torch.arange(start, start + batch)})
+    builder.add(Features(torch.randn(batch, 256, generator=generator), grids), Batch.unlabelled(torch.arange(start, start + batch)))
     del grids
     if start == 0:  # after one batch: torch and the allocator are warm
         first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -217,12 +217,12 @@ def similarity_analysis(cfg: DictConfig) -> SimilarityReport:
             batch = move_data_to_device(batch, device)
             features = model.features(batch)
             queries = features.patches[model.layer]
-            anomalous, normal = patch_cell_labels(batch["mask"], tuple(queries.shape[1:3]))
+            anomalous, normal = patch_cell_labels(batch.mask, tuple(queries.shape[1:3]))
             raw = model.retriever(queries, bank.patch_keys.to(device), bank.patch_values.to(device))[..., 1]
-            report.add("TF", list(batch["category"]), raw, anomalous, normal)
+            report.add("TF", batch.category, raw, anomalous, normal)
             if fine_tuned:
                 projected = model.heads.patch_scores(queries, model.projected_memory(), dropout=False)
-                report.add("FT", list(batch["category"]), projected, anomalous, normal)
+                report.add("FT", batch.category, projected, anomalous, normal)
     paths = report.write(output_dir)
     log.info("features: %s", model.extractor.describe())
     log.info("similarity statistics written to %s", ", ".join(str(p) for p in paths.values()))

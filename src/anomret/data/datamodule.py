@@ -21,11 +21,11 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from anomret.checks import integer_at_least, number_in
-from anomret.data.dataset import AnomalyDataset, collate_items
+from anomret.data.batch import collate_items
+from anomret.data.dataset import AnomalyDataset, FeatureSource
 from anomret.data.samples import ANOMALOUS, SampleTable
 from anomret.data.sources import load_source
 from anomret.encoders.base import Preprocess
-from anomret.features.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class AnomalyDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         shuffle_aux: bool = False,
-        feature_store: FeatureStore | None = None,
+        feature_store: FeatureSource | None = None,
     ) -> None:
         super().__init__()
         settings = check_loader_settings(batch_size, eval_batch_size, num_workers, mask_size, mask_threshold)

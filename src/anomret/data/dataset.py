@@ -1,27 +1,38 @@
 """``AnomalyDataset``: a ``SampleTable`` read through an encoder's preprocessing.
 
-Items are plain dicts, batched by :func:`collate_items`::
+Items are plain dicts, batched into a :class:`~anomret.data.batch.Batch` by
+:func:`~anomret.data.batch.collate_items`::
 
     {"image": float32 [3, crop, crop], "mask": float32 [mask_size, mask_size] in {0, 1},
      "label": int64 scalar, "category": str, "image_path": str, "index": int}
 
-With a feature store, an item whose features are stored carries them (``features``: named tensors)
-instead of the decoded ``image``, so cached images are not even read; ``feature_key`` names the entry.
+With a feature source (the feature store), an item whose features are stored carries them (``features``:
+named tensors) instead of the decoded ``image``, so cached images are not even read; ``feature_key``
+names the entry.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from anomret.data.errors import InvalidSampleError
 from anomret.data.io import read_image, read_mask
 from anomret.data.samples import SampleTable
 from anomret.data.transforms import ImageTransform, MaskTransform
 from anomret.encoders.base import Preprocess
-from anomret.features.store import FeatureStore, image_key
+
+
+class FeatureSource(Protocol):
+    """Where stored features come from (the feature store): a key per image file, an entry per key."""
+
+    def image_key(self, path: str | Path) -> str: ...
+
+    def read(self, key: str) -> dict[str, Tensor] | None: ...
 
 
 class AnomalyDataset(Dataset):
@@ -42,7 +53,7 @@ class AnomalyDataset(Dataset):
         preprocess: Preprocess,
         mask_size: int | None = None,
         mask_threshold: float = 0.5,
-        feature_store: FeatureStore | None = None,
+        feature_store: FeatureSource | None = None,
     ) -> None:
         self.samples = samples
         self.preprocess = preprocess
@@ -62,7 +73,7 @@ class AnomalyDataset(Dataset):
         item: dict[str, Any] = {}
         stored = None
         if self.feature_store is not None:
-            item["feature_key"] = image_key(sample.image_path)
+            item["feature_key"] = self.feature_store.image_key(sample.image_path)
             stored = self.feature_store.read(item["feature_key"])
         if stored is not None:
             item["features"] = stored
@@ -92,21 +103,3 @@ class AnomalyDataset(Dataset):
             index=index,
         )
         return item
-
-
-def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of which some carry a decoded ``image`` and others stored ``features``.
-
-    ``image`` stacks the decoded images (batch positions in ``fresh``), ``features`` the stored ones
-    (positions in ``cached``); either is ``None`` when no item has it. Everything else is batched by
-    PyTorch's default collate.
-    """
-    fresh = [i for i, item in enumerate(items) if "image" in item]
-    cached = [i for i, item in enumerate(items) if "features" in item]
-    common = [{k: v for k, v in item.items() if k not in ("image", "features")} for item in items]
-    batch = default_collate(common)
-    batch["image"] = torch.stack([items[i]["image"] for i in fresh]) if fresh else None
-    batch["features"] = default_collate([items[i]["features"] for i in cached]) if cached else None
-    batch["fresh"] = torch.tensor(fresh, dtype=torch.long)
-    batch["cached"] = torch.tensor(cached, dtype=torch.long)
-    return batch

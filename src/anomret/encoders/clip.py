@@ -13,7 +13,7 @@ This is the dual path of MRAD's and AnomalyCLIP's reference code (blocks 2–24 
 AnomalyCLIP). open_clip is never patched: the encoder walks ``visual.transformer.resblocks`` itself.
 
 ``layers`` are **1-based block numbers** (CLIP's "layer 24" is the output of the 24th block), the
-convention of the MRAD/AnomalyCLIP code; timm encoders use 0-based block indices instead.
+convention of the MRAD/AnomalyCLIP code and of every anomret encoder (timm ones included).
 
 Features:
 - ``cls``: the original stream's CLS after the last block, ``@ visual.proj`` (``cls_ln_post`` decides
@@ -218,7 +218,10 @@ class CLIPEncoder(Encoder):
         self.patch_stream = patch_stream
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         if not self.layers or self.layers[0] < 1 or self.layers[-1] > self.depth:
-            raise ValueError(f"layers are 1-based block numbers in [1, {self.depth}], got {list(layers)}")
+            raise ValueError(
+                f"encoder.layers must be 1-based block numbers in [1, {self.depth}] ({self.name} has "
+                f"{self.depth} blocks), got {list(layers)}"
+            )
         if patch_stream == "vv" and self.vv_blocks is not None and self.layers[0] < self.vv_blocks[0]:
             raise ValueError(
                 f"V-V tokens exist from block {self.vv_blocks[0]} on; layers {list(self.layers)}"

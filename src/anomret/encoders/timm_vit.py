@@ -4,8 +4,9 @@ One ``forward_intermediates`` call returns the chosen blocks' outputs, optionall
 final norm (RAD applies the final LayerNorm to every intermediate block); prefix tokens (CLS and
 registers) are split off by timm and only the CLS of the last requested block is kept.
 
-``layers`` are **0-based block indices** (timm's and RAD's convention): DINOv3 ViT-B/16's
-``[3, 6, 9, 11]`` are the outputs of the 4th, 7th, 10th and 12th blocks.
+``layers`` are **1-based block numbers**, as for every anomret encoder (layer ``l`` is the output of the
+``l``-th transformer block): DINOv3 ViT-B/16's ``[4, 7, 10, 12]`` are the RAD paper's layers, the
+official code's 0-based indices ``3, 6, 9, 11``. They are turned into timm's 0-based indices here only.
 
 DINOv3 RoPE periods: Meta's checkpoint stores the RoPE ``periods`` buffer rounded to bf16 and the
 official code loads it, while timm drops it from the checkpoint and recomputes the periods in fp32,
@@ -66,7 +67,7 @@ class TimmViTEncoder(Encoder):
 
     Args:
         model_name: timm architecture, e.g. ``vit_base_patch16_dinov3``.
-        layers: 0-based block indices whose outputs become ``Features.patches``.
+        layers: 1-based block numbers whose outputs become ``Features.patches`` (keyed by the same numbers).
         image_size: side of the square network input (the centre crop).
         pretrained: a timm tag (``lvd1689m``, or a hub repo id ``timm/<arch>.<tag>``), a local weights
             file, or ``None`` for seeded random weights (logged as a warning).
@@ -123,8 +124,11 @@ class TimmViTEncoder(Encoder):
 
         depth = len(self.model.blocks)
         self.layers = tuple(sorted({int(i) for i in layers}))
-        if not self.layers or self.layers[0] < 0 or self.layers[-1] >= depth:
-            raise ValueError(f"layers must be 0-based block indices in [0, {depth - 1}], got {list(layers)}")
+        if not self.layers or self.layers[0] < 1 or self.layers[-1] > depth:
+            raise ValueError(
+                f"encoder.layers must be 1-based block numbers in [1, {depth}] ({self.name} has {depth} "
+                f"blocks), got {list(layers)}"
+            )
         patch = self.model.patch_embed.patch_size
         self._set_patch_size(patch)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
@@ -211,7 +215,7 @@ class TimmViTEncoder(Encoder):
         with autocast(self.precision, images.device):
             outputs = self.model.forward_intermediates(
                 images,
-                indices=list(self.layers),
+                indices=[layer - 1 for layer in self.layers],  # timm counts blocks from 0
                 norm=self.norm,
                 output_fmt="NLC",
                 intermediates_only=True,
@@ -240,7 +244,7 @@ class TimmViTEncoder(Encoder):
             "weights": self._weights_identity,
             "image_size": self.image_size,
             "layers": list(self.layers),
-            "layer_indexing": "0-based block index",
+            "layer_indexing": "1-based block number",
             "norm": self.norm,
             "neighbor_kernels": list(self.neighbor_kernels) if self.neighbor_kernels else None,
             "precision": self.precision,

@@ -1,8 +1,8 @@
 """The one place where features are computed: a batch in, ``Features`` out, through the store if any.
 
-A batch from :class:`~anomret.data.dataset.AnomalyDataset` holds the decoded images of the entries the
-feature store does not have (``image``, at batch positions ``fresh``) and the stored features of the
-others (``features``, at positions ``cached``). Only the fresh images go through the encoder; their
+A :class:`~anomret.data.batch.Batch` holds the decoded images of the entries the feature store does not
+have (``image``, at batch positions ``fresh``) and the stored features of the others (``stored``, at
+positions ``cached``). Only the fresh images go through the encoder; their
 features are written to the store, so the next epoch, evaluation or sweep job reads them instead.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.features.store import FeatureStore, features_to_tensors
 
@@ -62,10 +63,10 @@ class FeatureExtractor:
         return f"{self.encoded} image(s) encoded, {self.reused} read from the feature store"
 
     @torch.no_grad()
-    def __call__(self, batch: Mapping[str, Any]) -> Features:
-        size = len(batch["index"])
+    def __call__(self, batch: Batch) -> Features:
+        size = len(batch)
         parts: list[tuple[Tensor, Features]] = []
-        images = batch.get("image")
+        images = batch.image
         if images is not None and images.shape[0] > 0:
             features = self.encoder(images)
             self.encoded += images.shape[0]
@@ -73,14 +74,15 @@ class FeatureExtractor:
                 # Round fresh features as stored ones are, so a run gives the same numbers whether or
                 # not the store already had its images.
                 features = features.to(self.store.dtype).to(torch.float32)
-                keys = batch["feature_key"]
-                for row, position in enumerate(batch["fresh"].tolist()):
+                keys = batch.feature_key
+                if keys is None:
+                    raise ValueError("a batch read with a feature store must carry the feature keys")
+                for row, position in enumerate(batch.fresh.tolist()):
                     self.store.write(keys[position], features_to_tensors(features, row))
-            parts.append((batch["fresh"], features))
-        stored = batch.get("features")
-        if stored is not None:
-            parts.append((batch["cached"], features_from_stacked(stored)))
-            self.reused += len(batch["cached"])
+            parts.append((batch.fresh, features))
+        if batch.stored is not None:
+            parts.append((batch.cached, features_from_stacked(batch.stored)))
+            self.reused += len(batch.cached)
         if not parts:
             raise ValueError("the batch holds neither images nor stored features")
         if sum(len(positions) for positions, _ in parts) != size:

@@ -73,6 +73,9 @@ class FeatureStore:
         self.reads = 0
         self.writes = 0
 
+    def image_key(self, path: str | os.PathLike[str]) -> str:
+        return image_key(path)
+
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 

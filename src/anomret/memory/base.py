@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from anomret.data.batch import Batch
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
 
@@ -43,8 +44,8 @@ class MemoryBank(Protocol):
 
 
 class BankBuilder(Protocol):
-    def add(self, features: Features, batch: Mapping[str, Any]) -> None:
-        """Add one batch of the memory pass (features of ``batch['image']``, its masks, labels, indices)."""
+    def add(self, features: Features, batch: Batch) -> None:
+        """Add one batch of the memory pass (its features, masks, labels and dataset indices)."""
 
     def state(self) -> dict[str, Any]:
         """This process's partial state (CPU tensors, or where large rows are on disk), to be gathered

@@ -10,10 +10,9 @@ and the small per-image tensors are gathered.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning import LightningModule
 
+from anomret.data.batch import Batch
 from anomret.distributed import all_gather
 from anomret.features.extractor import FeatureExtractor
 from anomret.memory.base import BankBuilder
@@ -28,7 +27,7 @@ class MemoryPass(LightningModule):
         self.extractor = extractor
         self.builder = builder
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def predict_step(self, batch: Batch, batch_idx: int) -> None:
         self.builder.add(self.extractor(batch), batch)
 
     def on_predict_epoch_end(self) -> None:

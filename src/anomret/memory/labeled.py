@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomret.checks import integer_at_least
+from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.memory.base import MemorySettings
 from anomret.memory.store import BankError, TensorSpec, load_bank, save_bank, validate_tensors
@@ -177,11 +178,9 @@ class LabeledBankBuilder:
     seed: int = 0
     _parts: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
 
-    def add(self, features: Features, batch: Mapping[str, Any]) -> None:
+    def add(self, features: Features, batch: Batch) -> None:
         """Add a batch: the global features, the patch grid of ``layer``, masks, labels and row indices."""
-        self.add_arrays(
-            features.cls, features.patches[self.layer], batch["mask"], batch["label"], batch["index"]
-        )
+        self.add_arrays(features.cls, features.patches[self.layer], batch.mask, batch.label, batch.index)
 
     def add_arrays(
         self, cls: Tensor, patches: Tensor, masks: Tensor, labels: Tensor, indices: Tensor

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomret.data.batch import Batch
 from anomret.encoders.base import Features
 from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.memory.rows import PatchRows, encode_rows
@@ -50,7 +50,7 @@ class NormalBankBuilder:
     _spill: RowSpill | None = field(default=None, repr=False)
     _merged: _MergedState | None = field(default=None, repr=False)
 
-    def add(self, features: Features, batch: Mapping[str, Any]) -> None:
+    def add(self, features: Features, batch: Batch) -> None:
         missing = [layer for layer in self.layers if layer not in features.patches]
         if missing:
             raise ValueError(
@@ -59,7 +59,7 @@ class NormalBankBuilder:
         if self._spill is None:
             beside = self.beside or Path(tempfile.gettempdir()) / "anomret" / "normal-bank"
             self._spill = RowSpill(Path(beside))
-        self._index.append(torch.as_tensor(batch["index"]).reshape(-1).cpu().long())
+        self._index.append(batch.index.reshape(-1).cpu().long())
         self._cls.append(F.normalize(features.cls.detach().float(), dim=-1).cpu())
         for layer in self.layers:
             grid = F.normalize(features.patches[layer].detach().float(), dim=-1)

@@ -27,6 +27,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from anomret.checks import integer_at_least, number_in
+from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.features.extractor import FeatureExtractor
 from anomret.features.store import FeatureStore
@@ -151,7 +152,7 @@ class RetrievalModule(LightningModule):
     def score(self, features: Features) -> MethodOutput:
         """The method: features of a batch → patch scores (and an image-level score, if any)."""
 
-    def features(self, batch: dict[str, Any]) -> Features:
+    def features(self, batch: Batch) -> Features:
         return self.extractor(batch)
 
     def combine(self, output: MethodOutput) -> ScoredBatch:
@@ -164,25 +165,25 @@ class RetrievalModule(LightningModule):
             image_score = weight * output.image_retrieval + (1 - weight) * map_score
         return ScoredBatch(output.patch_scores, anomaly_map, image_score, map_score, output.image_retrieval)
 
-    def forward(self, batch: dict[str, Any]) -> ScoredBatch:
+    def forward(self, batch: Batch) -> ScoredBatch:
         return self.combine(self.score(self.features(batch)))
 
     # ----------------------------------------------------------------------------- test, predict
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         with torch.no_grad():
             scored = self(batch)
-        masks = batch["mask"]
+        masks = batch.mask
         if masks.shape[-2:] != scored.anomaly_map.shape[-2:]:
             raise ValueError(
                 f"masks are {tuple(masks.shape[-2:])} but anomaly maps {tuple(scored.anomaly_map.shape[-2:])}: "
                 "set data.mask_size to the model's map_size"
             )
         self.evaluation.update(
-            batch["index"], batch["category"], scored.image_score, batch["label"], scored.anomaly_map, masks
+            batch.index, batch.category, scored.image_score, batch.label, scored.anomaly_map, masks
         )
         return {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         with torch.no_grad():
             scored = self(batch)
         out = {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.losses import segmentation_loss
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.models.base import MethodOutput
-from anomret.models.mrad_ft import MRADFT, binary_masks, upsample_probabilities
+from anomret.models.mrad_ft import MRADFT, upsample_probabilities
 from anomret.models.projections import ProjectedMemory
 from anomret.models.prompts import MRADPromptLearner, cosine_classifier, region_priors
 from anomret.retrieval.softmax import SoftmaxRetriever
@@ -166,22 +167,22 @@ class MRADCLIP(MRADFT):
         for parameter in idle.parameters():
             parameter.grad = None
 
-    def clip_loss(self, features: Features, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def clip_loss(self, features: Features, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """``focal(P, g) + dice(P₁, g) + dice(P₀, 1 − g)`` of the text branch (the CLIP stage)."""
-        masks = binary_masks(batch)
+        masks = batch.binary_masks
         probs, _ = self.text_probabilities(features, self.projected_memory(), dropout=True)
         loss = segmentation_loss(
             upsample_probabilities(probs, tuple(masks.shape[-2:])), masks, normal_dice=True
         )
         return loss, {"text": loss.detach()}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         features = self.features(batch)
         if self.in_clip_stage:
             loss, parts = self.clip_loss(features, batch)
         else:
             loss, parts = self.ft_loss(features, batch)
-        self._log_training(loss, parts, len(batch["index"]))
+        self._log_training(loss, parts, len(batch))
         return loss
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

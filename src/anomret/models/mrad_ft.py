@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.losses import image_retrieval_loss, segmentation_loss
 from anomret.metrics.evaluator import CategoryEvaluator
@@ -43,11 +44,6 @@ HEAD_INITS = ("default", "identity")
 def upsample_probabilities(probs: Tensor, size: tuple[int, int]) -> Tensor:
     """``[B, h, w, 2]`` per-patch probabilities → ``[B, 2, H, W]`` (bilinear, align_corners=False)."""
     return F.interpolate(probs.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-
-
-def binary_masks(batch: dict[str, Any]) -> Tensor:
-    """The batch's ground-truth masks as ``{0, 1}`` class indices ``[B, H, W]``."""
-    return (batch["mask"] > 0.5).long()
 
 
 class MRADFT(MRADTF):
@@ -176,19 +172,19 @@ class MRADFT(MRADTF):
         return patch, image
 
     # ---------------------------------------------------------------------------------- training
-    def ft_loss(self, features: Features, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def ft_loss(self, features: Features, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """``focal + dice(P₁, g) + CE(r / 0.07, y)`` with the similarity dropout (the FT stage)."""
-        masks = binary_masks(batch)
+        masks = batch.binary_masks
         patch = self.heads.retrieve_patches(features.patches[self.layer], self.bank, dropout=True)
         image = self.heads.retrieve_images(features.cls, self.bank, dropout=True)
         segmentation = segmentation_loss(upsample_probabilities(patch, tuple(masks.shape[-2:])), masks)
-        classification = image_retrieval_loss(image, batch["label"], self.image_loss_temperature)
+        classification = image_retrieval_loss(image, batch.label, self.image_loss_temperature)
         loss = segmentation + classification
         return loss, {"segmentation": segmentation.detach(), "image": classification.detach()}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, parts = self.ft_loss(self.features(batch), batch)
-        self._log_training(loss, parts, len(batch["index"]))
+        self._log_training(loss, parts, len(batch))
         return loss
 
     def _log_training(self, loss: Tensor, parts: dict[str, Tensor], batch_size: int) -> None:
