@@ -47,11 +47,11 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine
 
+from anomret.assembly import build, build_model, get_or_build_bank
 from anomret.config import config_dir
 from anomret.data.batch import collate_items
 from anomret.features.store import FeatureStore
 from anomret.memory.labeled import LabeledMemoryBank
-from anomret.pipeline import build, build_model, get_or_build_bank
 
 
 class EpochTimer(lightning.Callback):
@@ -157,7 +157,7 @@ def real_encoder(args: argparse.Namespace) -> list[str]:
                 "encoder.pos_embed_interpolation=bilinear",
             ]
         if args.method == "clip":
-            overrides.append("model.deep_layers=8")  # the recipe's, for a 12-block text tower
+            overrides.append("model.prompts.deep_layers=8")  # the recipe's, for a 12-block text tower
     if args.image_size is not None:
         overrides += [f"encoder.image_size={args.image_size}", f"encoder.resize={args.image_size}"]
     if args.categories:

@@ -4,7 +4,7 @@ storage does to the metrics.
 Every command runs as a user types it, in a fresh working directory with an empty cache:
 
 1. one run: ``python -m anomret.train +experiment=demo features.enabled=true``;
-2. a sweep of six retrieval settings: the same with ``-m model.top_k_ratio=... model.image_score_weight=...``
+2. a sweep of six retrieval settings: the same with ``-m model.score.top_k_ratio=... model.score.retrieval_weight=...``
    (jobs share the bank and the encoder outputs of the test images through the cache);
 3. the demo without the store, with an fp32 store and with the default fp16 store: the mean metrics.
 
@@ -27,7 +27,11 @@ from machine import describe_machine
 
 # (experiment, method, the six-job sweep over retrieval settings); an experiment missing from conf/ is skipped.
 SWEEPS = [
-    ("demo", "MRAD-TF, tiny CLIP", ["model.top_k_ratio=0.005,0.01,0.02", "model.image_score_weight=0.5,0.7"]),
+    (
+        "demo",
+        "MRAD-TF, tiny CLIP",
+        ["model.score.top_k_ratio=0.005,0.01,0.02", "model.score.retrieval_weight=0.5,0.7"],
+    ),
     ("demo_rad", "RAD, tiny ViT", ["retrieval.k=1,2,4", "retrieval.rho=0,1"]),
 ]
 CONF = Path(__file__).parents[2] / "conf" / "experiment"

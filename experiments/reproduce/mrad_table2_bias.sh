@@ -7,7 +7,7 @@
 set -euo pipefail
 OUT=${1:-logs/reproduce/mrad_table2_bias}
 shift || true
-BIAS_KEY=${BIAS_KEY:-model.bias_source}
+BIAS_KEY=${BIAS_KEY:-model.prompts.bias_source}
 BIASES=${BIASES:-none,cls,anomaly,dual}
 
 python -m anomret.train -m +experiment=mrad_clip_mvtec dataset=mvtec,kvasir,headct "${BIAS_KEY}=${BIASES}" \

@@ -13,11 +13,12 @@ from omegaconf import DictConfig
 
 from anomret.cli import user_errors
 from anomret.config import config_dir
-from anomret.pipeline import append_memory
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="append")
 def append(cfg: DictConfig) -> None:
+    from anomret.pipeline import append_memory  # the heavy imports, only once a run starts
+
     append_memory(cfg)
 
 

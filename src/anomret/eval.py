@@ -7,11 +7,12 @@ from omegaconf import DictConfig
 
 from anomret.cli import user_errors
 from anomret.config import config_dir
-from anomret.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def evaluate(cfg: DictConfig) -> None:
+    from anomret.pipeline import run  # the heavy imports, only once a run starts
+
     run(cfg, fit=False)
 
 

@@ -3,6 +3,9 @@
 Pure tensor functions (batched, device-agnostic). The blur reproduces
 ``scipy.ndimage.gaussian_filter`` (MRAD: σ=4, truncate 4, 'reflect' borders) and, with
 ``kernel_size=5, padding='zeros'``, the 5×5 σ=1 zero-padded blur of the RAD code.
+
+Every method's maps and image scores go through the two settings objects here, configured once in the
+``model=`` group (``model.map.*`` and ``model.score.*``): :class:`AnomalyMapper` and :class:`ImageScorer`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from anomret.checks import integer_at_least, number_in
 
 
 def upsample(scores: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -90,7 +95,12 @@ def top_k_mean(maps: Tensor, ratio: float) -> Tensor:
 
 @dataclass
 class AnomalyMapper:
-    """Patch scores ``[B, h, w]`` → anomaly maps ``[B, size, size]``: bilinear upsample, then blur."""
+    """Patch scores ``[B, h, w]`` → anomaly maps ``[B, size, size]``: bilinear upsample, then blur.
+
+    ``model.map``: ``size`` (side of the maps; the ground-truth masks follow it), ``sigma`` (Gaussian σ in
+    pixels, 0 = no blur), ``kernel_size`` (explicit odd size, RAD: 5; ``None``: scipy's truncate rule),
+    ``padding`` (``reflect`` as scipy, MRAD; ``zeros``, RAD).
+    """
 
     size: int
     sigma: float = 4.0
@@ -98,8 +108,43 @@ class AnomalyMapper:
     kernel_size: int | None = None
     padding: str = "reflect"
 
+    def __post_init__(self) -> None:
+        integer_at_least(self.size, "model.map.size", 1)
+        number_in(self.sigma, "model.map.sigma", 0.0)
+        number_in(self.truncate, "model.map.truncate", 0.0, low_open=True)
+        kernel = integer_at_least(self.kernel_size, "model.map.kernel_size", 1, none="scipy's truncate rule")
+        if kernel is not None and kernel % 2 == 0:
+            raise ValueError(f"model.map.kernel_size must be odd, got {kernel}")
+        if self.padding not in ("reflect", "zeros"):
+            raise ValueError(f"model.map.padding must be 'reflect' or 'zeros', got {self.padding!r}")
+
     def __call__(self, patch_scores: Tensor) -> Tensor:
         maps = upsample(patch_scores.float(), self.size)
         return gaussian_blur(
             maps, self.sigma, truncate=self.truncate, kernel_size=self.kernel_size, padding=self.padding
         )
+
+
+@dataclass
+class ImageScorer:
+    """An image's score from its anomaly map and, for methods that retrieve at image level, that retrieval.
+
+    ``model.score``: ``top_k_ratio`` (share of map pixels averaged, 1 %) and ``retrieval_weight`` (``w``
+    in ``w · retrieval + (1 − w) · TopKMean(map)``; the MRAD code's 0.7, 0.5 ranks like the paper's sum).
+    Methods without an image-level retrieval (RAD) score by the top-k mean alone.
+    """
+
+    top_k_ratio: float = 0.01
+    retrieval_weight: float = 0.7
+
+    def __post_init__(self) -> None:
+        number_in(self.top_k_ratio, "model.score.top_k_ratio", 0.0, 1.0, low_open=True)
+        number_in(self.retrieval_weight, "model.score.retrieval_weight", 0.0, 1.0)
+
+    def __call__(self, anomaly_map: Tensor, retrieval: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(image score [B], map score [B])`` of ``[B, H, W]`` maps and an optional ``[B]`` retrieval."""
+        map_score = top_k_mean(anomaly_map, self.top_k_ratio)
+        if retrieval is None:
+            return map_score, map_score
+        weight = self.retrieval_weight
+        return weight * retrieval + (1 - weight) * map_score, map_score

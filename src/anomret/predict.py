@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from anomret.cli import user_errors
 from anomret.config import config_dir
-from anomret.pipeline import predict
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
 def predict_images(cfg: DictConfig) -> None:
+    from anomret.pipeline import predict  # the heavy imports, only once a run starts
+
     predict(cfg)
 
 

@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from anomret.cli import user_errors
 from anomret.config import config_dir
-from anomret.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def train(cfg: DictConfig) -> float:
+    from anomret.pipeline import run  # the heavy imports, only once a run starts
+
     result = run(cfg, fit=True)
     value = result.mean.get(cfg.get("optimized_metric") or "", math.nan)
     return float(value) if value is not None else math.nan

@@ -276,6 +276,7 @@ def test_a_failed_generation_leaves_the_previous_tree_in_place(tmp_path: Path, m
     assert not (tmp_path / "synthetic_b").exists()  # nothing that could pass for a complete tree
 
 
+@pytest.mark.integration  # starts processes
 def test_concurrent_callers_wait_for_the_generation_in_progress(tmp_path: Path) -> None:
     lock = tmp_path / ".synthetic_a.lock"
     code = (

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from anomret.models.checkpoint import load_checkpoint
 
 from . import ddp_workers
-from .test_train_eval import _cli
+from .cli import run_cli
 
 
 def _free_port() -> int:
@@ -50,12 +50,11 @@ def test_bank_and_evaluation_gathered_over_two_gloo_processes_equal_one_process(
         )
 
 
-@pytest.mark.slow
 def test_train_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     for root, extra in ((single, []), (ddp, ["trainer=ddp_cpu"])):
         root.mkdir()
-        _cli("anomret.train", ["+experiment=demo", "logger=none", *extra], root, data_dir)
+        run_cli(["-m", "anomret.train", "+experiment=demo", "logger=none", *extra], root, data_dir=data_dir)
     results = {}
     for root in (single, ddp):
         (run_dir,) = (root / "logs" / "demo" / "train").iterdir()
@@ -72,14 +71,20 @@ def test_train_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
         torch.testing.assert_close(two["bank"][name], tensor, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_multirun_whose_jobs_use_ddp_runs_each_job_once_in_its_own_directory(tmp_path, data_dir):
     # As a user types it: no hydra.sweep.dir, from a fresh working directory.
-    out = _cli(
-        "anomret.train",
-        ["-m", "+experiment=demo", "trainer=ddp_cpu", "logger=none", "model.image_score_weight=0.5,1.0"],
+    out = run_cli(
+        [
+            "-m",
+            "anomret.train",
+            "-m",
+            "+experiment=demo",
+            "trainer=ddp_cpu",
+            "logger=none",
+            "model.score.retrieval_weight=0.5,1.0",
+        ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     assert out.stdout.count("Launching") <= 1 and "Launching 2 jobs" in out.stdout + out.stderr
     (sweep,) = (tmp_path / "logs" / "demo" / "train-multirun").iterdir()
@@ -90,14 +95,13 @@ def test_multirun_whose_jobs_use_ddp_runs_each_job_once_in_its_own_directory(tmp
         results = json.loads((sweep / job / "results.json").read_text())
         assert all(values["n_images"] == 14 for values in results["categories"].values())
         weights.append(
-            float((sweep / job / "config.yaml").read_text().split("image_score_weight:")[1].split()[0])
+            float((sweep / job / "config.yaml").read_text().split("retrieval_weight:")[1].split()[0])
         )
     assert weights == [0.5, 1.0]
     # The DDP processes did not start sweeps or single runs of their own.
     assert sorted(p.name for p in (tmp_path / "logs" / "demo").iterdir()) == ["train-multirun"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ft", "clip"])
 def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it(
     name, tmp_path, data_dir, monkeypatch
@@ -107,18 +111,19 @@ def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     dumps = tmp_path / "dumps"
     experiment = f"+experiment=demo_mrad_{name}"
-    _cli(
-        "anomret.train",
+    run_cli(
         [
+            "-m",
+            "anomret.train",
             experiment,
             "logger=none",
-            "trainer=ddp_cpu",  # for MRAD-CLIP the pipeline turns on unused-parameter detection itself
+            "trainer=ddp_cpu",
             f"hydra.run.dir={tmp_path / 'train'}",
             "+callbacks.state_dump._target_=tests.integration.ddp_workers.TrainedStateDump",
             f"+callbacks.state_dump.directory={dumps}",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     artifacts = json.loads((tmp_path / "train" / "artifacts.json").read_text())
     checkpoint = load_checkpoint(artifacts["checkpoint"])
@@ -146,16 +151,17 @@ def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it
             not torch.equal(state[0, "start"][k], state[0, "end"][k]) for k in trained if k.startswith(prefix)
         ), prefix
 
-    _cli(
-        "anomret.eval",
+    run_cli(
         [
+            "-m",
+            "anomret.eval",
             experiment,
             "logger=none",
             f"ckpt_path={artifacts['checkpoint']}",
             f"hydra.run.dir={tmp_path / 'eval'}",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     ddp = json.loads((tmp_path / "train" / "results.json").read_text())
     single = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -169,9 +175,10 @@ def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it
 
     # Evaluated under DDP (plain ddp: nothing trains, so MRAD-CLIP needs no unused-parameter detection),
     # the processes split the images as the training run's test pass did: the same numbers exactly.
-    _cli(
-        "anomret.eval",
+    run_cli(
         [
+            "-m",
+            "anomret.eval",
             experiment,
             "logger=none",
             "trainer=ddp_cpu",
@@ -179,6 +186,6 @@ def test_trained_demo_under_ddp_keeps_the_processes_equal_and_eval_reproduces_it
             f"hydra.run.dir={tmp_path / 'eval_ddp'}",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     assert json.loads((tmp_path / "eval_ddp" / "results.json").read_text())["categories"] == ddp["categories"]

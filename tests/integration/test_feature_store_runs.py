@@ -39,7 +39,6 @@ def test_fp16_store_moves_metrics_by_rounding_only(compose_config):
             assert half.per_category[category][metric] == pytest.approx(value, abs=0.02), (category, metric)
 
 
-@pytest.mark.slow
 def test_two_concurrent_jobs_sharing_the_cache_both_finish_with_the_same_numbers(tmp_path, data_dir):
     import json
     import os

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,23 +14,8 @@ from wandb.proto import wandb_internal_pb2
 from anomret.config import config_dir
 from anomret.plugins import PLUGINS, MissingPluginError, check_hydra_plugins, required_plugins
 
+from .cli import run_cli
 from .wandb_records import _chunks
-
-
-def _cli(args: list[str], tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "ANOMRET_ROOT": str(tmp_path),
-        "ANOMRET_DATA_DIR": str(data_dir),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-    }
-    result = subprocess.run(
-        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def _offline_run_record(run_dir: Path) -> wandb_internal_pb2.RunRecord:
@@ -61,13 +44,14 @@ def test_wandb_names_each_sweep_job_after_its_overrides_and_groups_the_sweep(com
     noise = ["data.num_workers=0", f"paths.cache_dir={tmp_path}/cache", "logger.wandb.offline=true"]
     jobs = [
         _wandb_settings(
-            compose_config, [*sweep, *noise, f"model.image_score_weight={w}", "model.top_k_ratio=0.02"]
+            compose_config,
+            [*sweep, *noise, f"model.score.retrieval_weight={w}", "model.score.top_k_ratio=0.02"],
         )
         for w in (0.5, 1.0)
     ]
     assert [job["name"] for job in jobs] == [
-        "demo/model.image_score_weight=0.5,model.top_k_ratio=0.02",
-        "demo/model.image_score_weight=1.0,model.top_k_ratio=0.02",
+        "demo/model.score.retrieval_weight=0.5,model.score.top_k_ratio=0.02",
+        "demo/model.score.retrieval_weight=1.0,model.score.top_k_ratio=0.02",
     ]
     assert {job["group"] for job in jobs} == {"demo/2026-01-02_03-04-05_000006"}
     assert {job["job_type"] for job in jobs} == {"mrad_tf"}
@@ -77,8 +61,8 @@ def test_wandb_names_each_sweep_job_after_its_overrides_and_groups_the_sweep(com
 def test_wandb_name_of_a_single_run_falls_back_to_the_task_name(compose_config):
     single = _wandb_settings(compose_config, ["logger.wandb.offline=true"])
     assert single["name"] == "demo" and single["group"] == "demo"
-    tuned = _wandb_settings(compose_config, ["model.top_k_ratio=0.05"])
-    assert tuned["name"] == "demo/model.top_k_ratio=0.05" and tuned["group"] == "demo"
+    tuned = _wandb_settings(compose_config, ["model.score.top_k_ratio=0.05"])
+    assert tuned["name"] == "demo/model.score.top_k_ratio=0.05" and tuned["group"] == "demo"
 
 
 # ------------------------------------------------------------------------------------------- plugins
@@ -91,7 +75,9 @@ def test_plugins_of_the_command_line_are_found():
     assert [p.package for _, p in required_plugins(["+hparams_search=mrad_tf_optuna"])] == [
         "hydra-optuna-sweeper"
     ]
-    assert required_plugins(["hydra/launcher=basic", "hydra/sweeper=basic", "model.top_k_ratio=0.1"]) == []
+    assert (
+        required_plugins(["hydra/launcher=basic", "hydra/sweeper=basic", "model.score.top_k_ratio=0.1"]) == []
+    )
 
 
 def test_installed_plugins_pass():
@@ -149,10 +135,9 @@ def test_every_preset_is_known_and_the_extras_exist():
 
 
 # ----------------------------------------------------------------------------------- end-to-end sweeps
-@pytest.mark.slow
 def test_submitit_local_sweep_with_wandb_offline_and_the_report(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    _cli(
+    run_cli(
         [
             "-m",
             "anomret.train",
@@ -161,7 +146,7 @@ def test_submitit_local_sweep_with_wandb_offline_and_the_report(tmp_path, data_d
             "hydra/launcher=submitit_local",
             "hydra.launcher.timeout_min=20",
             "hydra.launcher.cpus_per_task=1",
-            "model.image_score_weight=0.5,1.0",
+            "model.score.retrieval_weight=0.5,1.0",
             f"hydra.sweep.dir={sweep}",
             "logger=wandb",
             "logger.wandb.offline=true",
@@ -176,24 +161,23 @@ def test_submitit_local_sweep_with_wandb_offline_and_the_report(tmp_path, data_d
 
     records = [_offline_run_record(next((job / "wandb").glob("offline-run-*"))) for job in jobs]
     assert [r.display_name for r in records] == [
-        "demo/model.image_score_weight=0.5",
-        "demo/model.image_score_weight=1.0",
+        "demo/model.score.retrieval_weight=0.5",
+        "demo/model.score.retrieval_weight=1.0",
     ]
     assert {r.run_group for r in records} == {f"demo/{sweep.name}"}
     assert {r.job_type for r in records} == {"mrad_tf"}
 
-    _cli(["-m", "anomret.report", str(sweep), "--no-plots"], tmp_path, data_dir)
+    run_cli(["-m", "anomret.report", str(sweep), "--no-plots"], tmp_path, data_dir=data_dir)
     rows = list(csv.DictReader((sweep / "report.csv").open()))
-    assert [(r["job"], r["model.image_score_weight"], r["status"]) for r in rows] == [
+    assert [(r["job"], r["model.score.retrieval_weight"], r["status"]) for r in rows] == [
         ("0", "0.5", "finished"),
         ("1", "1.0", "finished"),
     ]
 
 
-@pytest.mark.slow
 def test_optuna_demo_search_runs_three_trials(tmp_path, data_dir):
     sweep = tmp_path / "optuna"
-    _cli(
+    run_cli(
         [
             "-m",
             "anomret.train",
@@ -211,11 +195,11 @@ def test_optuna_demo_search_runs_three_trials(tmp_path, data_dir):
     for trial in trials:
         overrides = yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
         values = dict(line.split("=", 1) for line in overrides if line.startswith("model."))
-        assert 0.001 <= float(values["model.top_k_ratio"]) <= 0.1
-        assert 0.0 <= float(values["model.image_score_weight"]) <= 1.0
+        assert 0.001 <= float(values["model.score.top_k_ratio"]) <= 0.1
+        assert 0.0 <= float(values["model.score.retrieval_weight"]) <= 1.0
         assert (trial / "results.json").is_file()
-        searched.append(values["model.image_score_weight"])
+        searched.append(values["model.score.retrieval_weight"])
     assert len(set(searched)) == 3, "each trial tries another point"
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.top_k_ratio", "model.image_score_weight"}
+    assert set(best["best_params"]) == {"model.score.top_k_ratio", "model.score.retrieval_weight"}
     assert 0.0 <= best["best_value"] <= 1.0

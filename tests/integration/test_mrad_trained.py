@@ -16,18 +16,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from anomret.assembly import Assembly, ConfigError, Purpose, build, build_model
 from anomret.config import config_dir
 from anomret.memory.store import BankError
 from anomret.models.checkpoint import CheckpointError, load_checkpoint
 from anomret.models.mrad_clip import MRADCLIP
 from anomret.models.mrad_ft import MRADFT
 from anomret.models.official_checkpoint import official_state_dicts
-from anomret.pipeline import ConfigError, build, build_model, feature_store, get_or_build_bank, run
+from anomret.pipeline import run
 
-from .test_train_eval import _cli
+from .cli import run_cli
 
 
 def _compose(root: Path, data_dir: Path, overrides: list[str], config_name: str = "config") -> DictConfig:
@@ -78,22 +78,10 @@ def parts(tmp_path, data_dir):
     def _build(overrides: list[str]):
         cfg = _compose(tmp_path, data_dir, overrides)
         lightning.seed_everything(0)
-        encoder = build(cfg.encoder)
-        store = feature_store(cfg, encoder)
-        datamodule = instantiate(cfg.data, _partial_=True)(
-            dataset=cfg.dataset,
-            aux_dataset=cfg.aux_dataset,
-            preprocess=encoder.preprocess,
-            feature_store=store,
-        )
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        model = build_model(cfg, encoder)
-        model.set_feature_store(store)
-        trainer = build(cfg.trainer, logger=False, callbacks=[])
-        bank, info = get_or_build_bank(build(cfg.memory), model, datamodule, trainer)
-        model.attach_memory(bank, info)
-        return cfg, model, datamodule
+        assembled = Assembly.build(cfg, Purpose.TRAIN)
+        datamodule = assembled.datamodule()
+        assembled.attach_memory(assembled.trainer(), datamodule)
+        return cfg, assembled.model, datamodule
 
     return _build
 
@@ -278,7 +266,7 @@ def test_mismatched_or_missing_checkpoints_are_refused_saying_what_differs(train
         evaluate(
             ["+experiment=demo_mrad_ft", f"ckpt_path={ft_ckpt}", "encoder.seed=1", f"memory.path={seed_bank}"]
         )
-    with pytest.raises(CheckpointError, match=r"trained for mrad_ft.*model=mrad_ft"):
+    with pytest.raises(CheckpointError, match=r"trained for mrad_ft.*method=mrad_ft"):
         evaluate(["+experiment=demo_mrad_clip", f"ckpt_path={ft_ckpt}"])
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(["+experiment=demo_mrad_ft", f"ckpt_path={tmp_path / 'nothing.ckpt'}"])
@@ -300,9 +288,7 @@ def test_mismatched_or_missing_checkpoints_are_refused_saying_what_differs(train
 
 
 def test_clip_only_model_and_maskless_auxiliary_data_fail_before_any_compute(data_dir, tmp_path):
-    with pytest.raises(
-        ConfigError, match=r"mrad_clip needs an encoder of type CLIPEncoder.*encoder=clip_vit_l14_336"
-    ):
+    with pytest.raises(ConfigError, match=r"mrad_clip runs the CLIP text tower.*encoder=clip_vit_l14_336"):
         run(_compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", "encoder=tiny_vit"]), fit=True)
     with pytest.raises(
         ConfigError, match=r"mrad_ft builds its memory .* from pixel masks.*require_masks=False"
@@ -319,7 +305,7 @@ def test_clip_only_model_and_maskless_auxiliary_data_fail_before_any_compute(dat
     cfg = _compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", "encoder=tiny_vit"])
     with pytest.raises(ValueError, match="needs a CLIP encoder with its text tower"):
         build_model(cfg, build(cfg.encoder))
-    assert MRADCLIP.encoder_target.endswith("CLIPEncoder")
+    assert MRADCLIP.needs.text_tower
 
 
 def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
@@ -350,20 +336,52 @@ def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
         )
 
 
-@pytest.mark.slow
+def test_same_command_same_numbers_whether_the_bank_was_built_or_read_from_the_cache(trained, data_dir, tmp_path):
+    """The memory pass of a run that builds its bank used to draw from the global RNG before training, so
+    the heads trained on another shuffle than in a run that found the bank cached."""
+    root, runs = trained
+    again = root / "ft_again"  # the FT fixture run built the bank; this one reads it from the cache
+    run(_compose(root, data_dir, ["+experiment=demo_mrad_ft", f"paths.output_dir={again}"]), fit=True)
+    assert _results(again) == _results(runs["ft"])
+    # The CLIP fixture run read the bank from the cache; in a fresh root this one builds it.
+    fresh = tmp_path / "fresh"
+    overrides = ["+experiment=demo_mrad_clip", "trainer.max_epochs=2", f"paths.output_dir={fresh / 'clip'}"]
+    run(_compose(fresh, data_dir, overrides), fit=True)
+    assert list((fresh / ".cache" / "banks").glob("*.safetensors")), "this run built its bank"
+    assert _results(fresh / "clip") == _results(runs["clip"])
+
+
 def test_demo_commands_train_and_eval_reproduces_the_numbers(tmp_path, data_dir):
     """The commands as a user types them (covered in-process by the checkpoint test above)."""
     common = ["+experiment=demo_mrad_ft", "logger=none"]
-    _cli("anomret.train", [*common, f"hydra.run.dir={tmp_path / 'train'}"], tmp_path, data_dir)
+    run_cli(
+        ["-m", "anomret.train", *common, f"hydra.run.dir={tmp_path / 'train'}"], tmp_path, data_dir=data_dir
+    )
     ckpt = json.loads((tmp_path / "train" / "artifacts.json").read_text())["checkpoint"]
     assert Path(ckpt).stat().st_size < 400_000
-    _cli(
-        "anomret.eval",
-        [*common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"],
+    run_cli(
+        ["-m", "anomret.eval", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     assert _results(tmp_path / "eval") == _results(tmp_path / "train")
+
+    # Mistakes with a trained model, each one error line that says what to do.
+    def refused(*args: str) -> str:
+        result = run_cli(["-m", "anomret.eval", *args], tmp_path, data_dir=data_dir, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+        assert line.startswith("error: ")
+        return line
+
+    line = refused("+experiment=demo_mrad_clip", "logger=none", f"ckpt_path={ckpt}")
+    assert "trained for mrad_ft" in line and "method=mrad_ft" in line
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(Path(ckpt).read_bytes()[:1000])
+    assert "is not a readable checkpoint" in refused(*common, f"ckpt_path={truncated}")
+    line = refused(*common)  # neither checkpoint nor bank: both named at once, with the command
+    assert "needs its trained parts (ckpt_path=) and the bank they were trained with" in line
+    assert "Run: python -m anomret.eval +experiment=demo_mrad_ft logger=none ckpt_path=" in line
 
 
 def test_bias_source_ablation_is_a_config_value(parts, tmp_path, data_dir):
@@ -372,7 +390,9 @@ def test_bias_source_ablation_is_a_config_value(parts, tmp_path, data_dir):
     features = dual.features(batch)
     maps = {}
     for source in ("dual", "anomaly", "cls", "none"):
-        cfg = _compose(tmp_path, data_dir, ["+experiment=demo_mrad_clip", f"model.bias_source={source}"])
+        cfg = _compose(
+            tmp_path, data_dir, ["+experiment=demo_mrad_clip", f"model.prompts.bias_source={source}"]
+        )
         lightning.seed_everything(0)
         model = build_model(cfg, dual.encoder)
         model.attach_memory(dual.bank, dual.bank_info)

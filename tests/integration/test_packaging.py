@@ -8,12 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_configs_are_found_from_an_installed_wheel(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run(

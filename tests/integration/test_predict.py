@@ -52,7 +52,7 @@ def test_predict_writes_scores_maps_and_overlays(compose_config, tmp_path, data_
     maps = sorted(p.relative_to(out / "maps").as_posix() for p in (out / "maps").rglob("*.npy"))
     # Outputs mirror the input tree and keep the whole file name: part.png and part.jpg stay apart.
     assert maps == ["gray.png.npy", "line1/part.jpg.npy", "line1/part.png.npy", "rgba.png.npy"]
-    assert np.load(out / "maps" / "gray.png.npy").shape == (cfg.model.map_size, cfg.model.map_size)
+    assert np.load(out / "maps" / "gray.png.npy").shape == (cfg.model.map.size, cfg.model.map.size)
     assert len(list((out / "overlays").rglob("*.png"))) == 4
 
 

@@ -19,12 +19,17 @@ from anomret.memory.store import BankError, read_bank_metadata
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.pipeline import append_memory, predict, run
 
-from .test_train_eval import SYNTHETIC_A, _cli
+from .cli import run_cli
+from .test_train_eval import SYNTHETIC_A
 
 
 def test_demo_rad_command_writes_results_overlays_and_a_normal_bank(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    _cli("anomret.train", ["+experiment=demo_rad", f"hydra.run.dir={run_dir}"], tmp_path, data_dir)
+    run_cli(
+        ["-m", "anomret.train", "+experiment=demo_rad", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        data_dir=data_dir,
+    )
 
     results = json.loads((run_dir / "results.json").read_text())
     assert sorted(results["categories"]) == sorted(SYNTHETIC_A)
@@ -70,7 +75,7 @@ def test_eval_and_predict_with_the_saved_bank_and_k_is_checked_first(compose_con
     assert sorted(Path(row["image_path"]).name for row in rows) == ["pill.png", "wood.png"]
     assert all(math.isfinite(float(row["image_score"])) for row in rows)
     maps = sorted((tmp_path / "run" / "maps").glob("*.npy"))
-    assert [np.load(m).shape for m in maps] == [(cfg.model.map_size, cfg.model.map_size)] * 2
+    assert [np.load(m).shape for m in maps] == [(cfg.model.map.size, cfg.model.map.size)] * 2
 
     # K larger than the memory: refused before the memory pass, naming both numbers.
     with pytest.raises(ValueError, match=r"retrieval\.k=31 is larger than the memory \(30 images\)"):
@@ -133,29 +138,34 @@ def test_paper_experiments_compose_with_the_official_constants(compose_config, e
     assert (cfg.retrieval.k, cfg.retrieval.rho, cfg.retrieval.cap_k) == (k, rho, False)
     assert cfg.encoder.name == "dinov3_vitb16" and list(cfg.encoder.layers) == [3, 6, 9, 11]
     # Official maps and ground truth: 256 px, 5×5 σ 1 zero-padded blur, masks nearest to 256 and > 0.
-    assert (cfg.model.map_size, cfg.model.map_sigma, cfg.model.map_kernel_size) == (256, 1.0, 5)
-    assert cfg.model.map_padding == "zeros" and cfg.model.top_k_ratio == 0.01
+    assert (cfg.model.map.size, cfg.model.map.sigma, cfg.model.map.kernel_size) == (256, 1.0, 5)
+    assert cfg.model.map.padding == "zeros" and cfg.model.score.top_k_ratio == 0.01
     assert cfg.data.mask_size == 256 and cfg.data.mask_threshold == 0
     assert cfg.memory.source == "train" and cfg.memory.dtype == "fp16"
 
 
 def test_rad_with_another_memory_kind_is_refused(compose_config):
-    from anomret.pipeline import ConfigError, validate_config
+    from anomret.assembly import ConfigError, Purpose, check_config
 
-    with pytest.raises(ConfigError, match="needs memory kind 'normal'"):
-        validate_config(compose_config(["+experiment=demo_rad", "memory=labeled"]))
+    with pytest.raises(ConfigError, match="reads a 'normal' memory but memory=labeled"):
+        check_config(compose_config(["+experiment=demo_rad", "memory=labeled"]), Purpose.TRAIN)
 
 
-@pytest.mark.slow
 def test_rad_with_two_ddp_processes_matches_one_process(tmp_path, data_dir):
     results = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp_cpu"])):
         run_dir = tmp_path / name
-        _cli(
-            "anomret.train",
-            ["+experiment=demo_rad", "logger=none", f"hydra.run.dir={run_dir}", *extra],
+        run_cli(
+            [
+                "-m",
+                "anomret.train",
+                "+experiment=demo_rad",
+                "logger=none",
+                f"hydra.run.dir={run_dir}",
+                *extra,
+            ],
             tmp_path,
-            data_dir,
+            data_dir=data_dir,
         )
         results[name] = json.loads((run_dir / "results.json").read_text())
         bank = Path(json.loads((run_dir / "artifacts.json").read_text())["bank"])

@@ -7,7 +7,7 @@ skipped on purpose with a reason (SKIPPED). A command the README gains is in nei
 test until it is handled; an entry whose command left the README fails it too.
 
 Every train/eval/predict command, run or not, is also composed as written, with each job of a sweep
-expanded, and checked like a run checks its config (``validate_config`` and the settings that are cheap
+expanded, and checked like a run checks its config (``check_config`` and the settings that are cheap
 to build), so the forms that are too slow to run here still cannot refer to a missing option.
 """
 
@@ -23,7 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -43,8 +42,8 @@ SUBSTITUTIONS = [
     ("logs/mrad_tf_mvtec/", "logs/demo/", "the demo experiment's task_name"),
 ]
 
-SWEEP = "python -m anomret.train -m +experiment=mrad_tf_mvtec model.image_score_weight=0.5,0.7,1.0 model.top_k_ratio=0.001,0.01"
-REPORT_SWEEP = "python -m anomret.train -m +experiment=mrad_tf_mvtec model.image_score_weight=0.5,0.7,1.0 model.top_k_ratio=0.005,0.01"
+SWEEP = "python -m anomret.train -m +experiment=mrad_tf_mvtec model.score.retrieval_weight=0.5,0.7,1.0 model.score.top_k_ratio=0.001,0.01"
+REPORT_SWEEP = "python -m anomret.train -m +experiment=mrad_tf_mvtec model.score.retrieval_weight=0.5,0.7,1.0 model.score.top_k_ratio=0.005,0.01"
 
 # Commands run, in README order, with substitutions of their own (a sweep of two jobs keeps it short).
 RUN: dict[str, list[tuple[str, str]]] = {
@@ -57,8 +56,8 @@ RUN: dict[str, list[tuple[str, str]]] = {
     "python -m anomret.predict +experiment=mrad_tf_mvtec memory.path=.cache/banks/<bank>.safetensors input=/images/line3": [],
     "python -m anomret.train +experiment=mrad_tf_mvtec dataset.categories=[bottle,screw] data.batch_size=16 trainer=gpu": [],
     SWEEP: [
-        ("model.image_score_weight=0.5,0.7,1.0", "model.image_score_weight=0.5,0.7"),
-        ("model.top_k_ratio=0.001,0.01", "model.top_k_ratio=0.01"),
+        ("model.score.retrieval_weight=0.5,0.7,1.0", "model.score.retrieval_weight=0.5,0.7"),
+        ("model.score.top_k_ratio=0.001,0.01", "model.score.top_k_ratio=0.01"),
     ],
     "python -m anomret.report logs/mrad_tf_mvtec/train-multirun/<time>": [],
     "python -m anomret.report logs/mrad_tf_mvtec/train-multirun/<time> --per-category": [],
@@ -76,23 +75,23 @@ SKIPPED: dict[str, str] = {
     "python -m anomret.train -m +experiment=mrad_tf_mvtec memory.max_patch_entries=100,500,1000 memory.seed=0,1,2": _SAME_SWEEP,
     "python -m anomret.train -m +experiment=mrad_tf_mvtec aux_dataset=visa,mvtec encoder.vv_blocks=[2,24],[6,24]": _SAME_SWEEP,
     REPORT_SWEEP: _SAME_SWEEP,
-    "python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.image_score_weight=0.5,0.7": (
+    "python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.score.retrieval_weight=0.5,0.7": (
         "W&B logging: tests/integration/test_train_eval.py (offline runs read back); composes (checked)"
     ),
-    "python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.image_score_weight=0.5,0.7,1.0": (
+    "python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.score.retrieval_weight=0.5,0.7,1.0": (
         "W&B logging: tests/integration/test_train_eval.py; composes (checked)"
     ),
-    "WANDB_MODE=offline python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.top_k_ratio=0.005,0.01": (
+    "WANDB_MODE=offline python -m anomret.train -m +experiment=mrad_tf_mvtec logger=wandb model.score.top_k_ratio=0.005,0.01": (
         "W&B logging: tests/integration/test_train_eval.py; composes (checked)"
     ),
     "wandb sync logs/mrad_tf_mvtec/train-multirun/<time>/*/wandb/offline-run-*": "uploads to a W&B server",
-    "python -m anomret.train -m +experiment=demo trainer=ddp_cpu model.image_score_weight=0.5,1.0": (
+    "python -m anomret.train -m +experiment=demo trainer=ddp_cpu model.score.retrieval_weight=0.5,1.0": (
         "two DDP jobs take minutes on 2 cores: tests/integration/test_ddp.py runs multirun + DDP"
     ),
     "python -m anomret.train -m hydra/launcher=slurm_gpu hydra.launcher.partition=gpu hydra.launcher.timeout_min=120 trainer=gpu +experiment=mrad_tf_mvtec dataset=mvtec,btad,mpdd": (
         "needs a SLURM cluster: tests/integration/test_launchers.py composes it"
     ),
-    "python -m anomret.train -m hydra/launcher=submitit_local +experiment=demo model.image_score_weight=0.5,1.0": (
+    "python -m anomret.train -m hydra/launcher=submitit_local +experiment=demo model.score.retrieval_weight=0.5,1.0": (
         "launcher plugin: tests/integration/test_launchers.py"
     ),
     "python -m anomret.train +experiment=mrad_tf_mvtec +hparams_search=mrad_tf_optuna": (
@@ -184,14 +183,15 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
 
 def _check_composes(command: str) -> int:
     """Compose every job of a train/eval/predict command as written and check it like a run; job count."""
+    from anomret.assembly import Purpose, build, check_config
     from anomret.memory.base import MemorySettings
-    from anomret.pipeline import build, validate_config
 
     words = shlex.split(command)
     words = [w for w in words if not re.match(r"^[A-Z_]+=", w)]  # environment prefixes
     if words[:2] != ["python", "-m"] or words[2] not in ("anomret.train", "anomret.eval", "anomret.predict"):
         return 0
     config_name = {"anomret.train": "config", "anomret.eval": "eval", "anomret.predict": "predict"}[words[2]]
+    purpose = {"config": Purpose.TRAIN, "eval": Purpose.EVAL, "predict": Purpose.PREDICT}[config_name]
     overrides = [w for w in words[3:] if w != "-m" and not w.startswith("hydra/launcher")]
     overrides = [w for w in overrides if not w.startswith("hydra.launcher.")]
     overrides = [re.sub(r"<(\w+)>", r"\1", w) for w in overrides]  # placeholders such as <bank>, <time>
@@ -200,7 +200,7 @@ def _check_composes(command: str) -> int:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for job in jobs:
             cfg = compose(config_name, overrides=job)
-            validate_config(cfg)
+            check_config(cfg, purpose)
             settings = build(cfg.memory)
             assert isinstance(settings, MemorySettings)
             build(cfg.retrieval)
@@ -254,7 +254,6 @@ def _resolve(command: str, cwd: Path) -> str:
     return command
 
 
-@pytest.mark.slow
 def test_readme_commands_run_from_a_fresh_directory(tmp_path):
     # Only what the README documents: offline weights and W&B (and the interpreter with this code).
     env = {

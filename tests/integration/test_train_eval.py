@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,34 +13,18 @@ from anomret.memory.store import BankError, read_bank_metadata
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.pipeline import run
 
+from .cli import run_cli
 from .wandb_records import read_offline_run
 
 SYNTHETIC_A = ["weave", "wood", "pill"]
 
 
-def _cli(module: str, args: list[str], tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "ANOMRET_ROOT": str(tmp_path),
-        "ANOMRET_DATA_DIR": str(data_dir),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.mark.slow
 def test_demo_command_runs_the_whole_path(tmp_path, data_dir):
-    out = _cli("anomret.train", ["+experiment=demo", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data_dir)
+    out = run_cli(
+        ["-m", "anomret.train", "+experiment=demo", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        data_dir=data_dir,
+    )
     run_dir = tmp_path / "run"
 
     results = json.loads((run_dir / "results.json").read_text())
@@ -126,36 +107,41 @@ def test_eval_reproduces_train_results_from_the_saved_bank(compose_config, tmp_p
 def test_eval_cli_on_a_saved_bank(compose_config, tmp_path, data_dir):
     bank = tmp_path / "bank.safetensors"
     run(compose_config(["+experiment=demo", f"memory.path={bank}"]), fit=True)
-    _cli(
-        "anomret.eval",
-        ["+experiment=demo", f"memory.path={bank}", f"hydra.run.dir={tmp_path / 'eval'}"],
+    run_cli(
+        [
+            "-m",
+            "anomret.eval",
+            "+experiment=demo",
+            f"memory.path={bank}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     assert (tmp_path / "eval" / "results.json").is_file()
 
 
-@pytest.mark.slow
 def test_multirun_sweep_writes_one_result_per_job(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    _cli(
-        "anomret.train",
+    run_cli(
         [
             "-m",
+            "anomret.train",
+            "-m",
             "+experiment=demo",
-            "model.image_score_weight=0.5,1.0",
+            "model.score.retrieval_weight=0.5,1.0",
             f"hydra.sweep.dir={sweep}",
             "logger=none",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     weights = []
     for job in jobs:
         assert (job / "results.json").is_file()
-        weights.append(float((job / "config.yaml").read_text().split("image_score_weight:")[1].split()[0]))
+        weights.append(float((job / "config.yaml").read_text().split("retrieval_weight:")[1].split()[0]))
     assert weights == [0.5, 1.0]
 
 
@@ -177,7 +163,7 @@ def test_wandb_offline_run_records_metrics_table_and_images(compose_config, tmp_
     assert table["columns"][0] == "category" and len(table["data"]) == len(SYNTHETIC_A) + 1
     image_files = list((logged.files_dir / "media" / "images").rglob("*.png"))
     assert len(image_files) >= len(SYNTHETIC_A)
-    assert logged.config["model"]["image_score_weight"] == 0.7
+    assert logged.config["model"]["score"]["retrieval_weight"] == 0.7
 
 
 def test_missing_dataset_root_names_the_prepare_command(compose_config, tmp_path):

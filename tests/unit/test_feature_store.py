@@ -123,6 +123,7 @@ def _hammer(root: str, worker: int, rounds: int, queue) -> None:
     queue.put(torn)
 
 
+@pytest.mark.integration  # starts processes
 def test_two_processes_writing_and_reading_one_store_never_see_a_partial_entry(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

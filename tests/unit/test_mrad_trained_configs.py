@@ -42,23 +42,36 @@ def test_recipes_train_on_the_other_dataset_with_the_official_constants(experime
         0.2,
         0.05,
     )
-    assert model.image_score_weight == 0.7 and model.top_k_ratio == 0.01 and model.map_sigma == 4.0
+    assert model.score.retrieval_weight == 0.7 and model.score.top_k_ratio == 0.01 and model.map.sigma == 4.0
     if method == "mrad_ft":
         assert cfg.trainer.max_epochs == 1 and model.lr_schedule == "cosine" and model.min_lr == 1e-6
     else:
         assert cfg.trainer.max_epochs == 6 and model.ft_epochs == 1 and model.lr_schedule == "constant"
-        assert (model.n_ctx, model.deep_length, model.deep_layers, model.deep_start) == (12, 4, 8, 2)
-        assert (model.class_name, model.normal_template, model.anomalous_template) == (
+        assert (
+            model.prompts.n_ctx,
+            model.prompts.deep_length,
+            model.prompts.deep_layers,
+            model.prompts.deep_start,
+        ) == (12, 4, 8, 2)
+        assert (
+            model.prompts.class_name,
+            model.prompts.normal_template,
+            model.prompts.anomalous_template,
+        ) == (
             "object",
             "{}",
             "damaged {}",
         )
-        assert (model.bias_source, model.prior_threshold, model.text_temperature) == ("dual", 0.5, 0.07)
+        assert (model.prompts.bias_source, model.prior_threshold, model.text_temperature) == (
+            "dual",
+            0.5,
+            0.07,
+        )
 
 
 def test_paper_values_are_named_variants():
     cfg = _cfg("+experiment=mrad_clip_visa", "+variant=[paper_lr,paper_prompts,visa_dropout]")
     assert cfg.model.lr == 5e-4
-    assert cfg.model.normal_template == "good {}"
+    assert cfg.model.prompts.normal_template == "good {}"
     assert cfg.model.patch_drop_ratio == 0.15
     assert _cfg("+experiment=mrad_ft_mvtec", "+variant=paper_lr").model.lr == 5e-4

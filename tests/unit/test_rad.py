@@ -23,6 +23,7 @@ from anomret.data.batch import Batch
 from anomret.data.samples import Sample, SampleTable
 from anomret.encoders.base import Features
 from anomret.encoders.timm_vit import TimmViTEncoder
+from anomret.maps import AnomalyMapper
 from anomret.memory.fewshot import select_images
 from anomret.memory.normal import NormalMemorySettings
 from anomret.memory.normal_bank import NormalMemoryBank
@@ -70,7 +71,8 @@ def bank_from(
 
 def rad_model(**kwargs) -> RAD:
     retrieval = SpatialRetrieval(**{k: kwargs.pop(k) for k in ("k", "rho", "cap_k") if k in kwargs})
-    return RAD(tiny_encoder(), retrieval, CategoryEvaluator(), **kwargs)
+    maps = AnomalyMapper(256, 1.0, kernel_size=5, padding="zeros")  # RAD's maps (conf/model/rad.yaml)
+    return RAD(tiny_encoder(), retrieval, maps, evaluator=CategoryEvaluator(), **kwargs)
 
 
 # ------------------------------------------------------------------------------- literal reference
@@ -318,6 +320,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.integration  # starts processes
 def test_a_killed_build_leaves_no_bank_and_the_next_build_removes_its_rows(tmp_path):
     target = tmp_path / "bank.safetensors"
     env = {**os.environ, "PYTHONPATH": str(Path(anomret.__file__).parents[1])}
@@ -353,6 +356,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - first) * 1024)
 """
 
 
+@pytest.mark.integration  # starts processes
 def test_building_a_bank_holds_about_one_batch_in_memory_not_the_bank(tmp_path):
     target = tmp_path / "bank.safetensors"
     env = {**os.environ, "PYTHONPATH": str(Path(anomret.__file__).parents[1])}

@@ -20,10 +20,13 @@ import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from anomret.pipeline import validate_config
+from anomret.assembly import Purpose, check_config
 
 RECIPES = Path(__file__).parents[2] / "experiments" / "reproduce"
 SCRIPTS = sorted(RECIPES.glob("*.sh"))
+
+# The recipes are shell scripts: they run as processes.
+pytestmark = pytest.mark.integration
 
 RECORDER = """#!{python}
 import json, sys
@@ -74,4 +77,4 @@ def test_recipe_composes_into_valid_runs(script, tmp_path, compose_config):
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         for job in {0: jobs[0], -1: jobs[-1]}.values():
             cfg = compose_config(list(job))
-            validate_config(cfg)
+            check_config(cfg, Purpose.TRAIN)

@@ -58,8 +58,8 @@ def grid(tmp_path: Path) -> Path:
                 str(number),
                 [
                     "+experiment=demo",
-                    f"model.image_score_weight={weight}",
-                    f"model.top_k_ratio={top_k}",
+                    f"model.score.retrieval_weight={weight}",
+                    f"model.score.top_k_ratio={top_k}",
                     "logger=none",
                 ],
                 {"a": _values(a), "b": _values(a - 0.2)},
@@ -75,11 +75,20 @@ def _expected_mean(weight: float, top_k: float, metric: str) -> float:
 
 def test_one_row_per_job_with_the_swept_keys_method_dataset_and_means(grid):
     report = collect([grid])
-    assert report.swept == ["model.image_score_weight", "model.top_k_ratio"]  # constant keys left out
-    assert report.columns == ["job", "model.image_score_weight", "model.top_k_ratio", "method", "dataset"]
+    assert report.swept == [
+        "model.score.retrieval_weight",
+        "model.score.top_k_ratio",
+    ]  # constant keys left out
+    assert report.columns == [
+        "job",
+        "model.score.retrieval_weight",
+        "model.score.top_k_ratio",
+        "method",
+        "dataset",
+    ]
     rows = report.rows()
     assert [row["job"] for row in rows] == ["0", "1", "2", "3"]
-    assert [(r["model.image_score_weight"], r["model.top_k_ratio"]) for r in rows] == [
+    assert [(r["model.score.retrieval_weight"], r["model.score.top_k_ratio"]) for r in rows] == [
         ("0.5", "0.01"),
         ("0.5", "0.1"),
         ("1.0", "0.01"),
@@ -87,7 +96,7 @@ def test_one_row_per_job_with_the_swept_keys_method_dataset_and_means(grid):
     ]
     for row in rows:
         assert (row["method"], row["dataset"]) == ("mrad_tf", "mvtec")
-        weight, top_k = float(row["model.image_score_weight"]), float(row["model.top_k_ratio"])
+        weight, top_k = float(row["model.score.retrieval_weight"]), float(row["model.score.top_k_ratio"])
         for metric in METRIC_KEYS:
             assert row[metric] == pytest.approx(_expected_mean(weight, top_k, metric), abs=1e-12)
     assert not report.missing
@@ -107,7 +116,7 @@ def test_csv_and_markdown_files(grid, tmp_path):
     assert main([str(grid), "--out", str(out), "--per-category"]) == 0
 
     rows = list(csv.DictReader((out / "report.csv").open()))
-    header = ["job", "model.image_score_weight", "model.top_k_ratio", "method", "dataset"]
+    header = ["job", "model.score.retrieval_weight", "model.score.top_k_ratio", "method", "dataset"]
     assert list(rows[0]) == [*header, *METRIC_KEYS, "status"]
     assert len(rows) == 4 and {row["status"] for row in rows} == {"finished"}
     assert float(rows[3]["pixel_aupro"]) == pytest.approx(_expected_mean(1.0, 0.1, "pixel_aupro"), abs=1e-12)
@@ -117,7 +126,7 @@ def test_csv_and_markdown_files(grid, tmp_path):
 
     markdown = (out / "report.md").read_text().splitlines()
     assert markdown[0] == (
-        "| job | model.image_score_weight | model.top_k_ratio | method | dataset | "
+        "| job | model.score.retrieval_weight | model.score.top_k_ratio | method | dataset | "
         "I-AUROC | I-AP | I-F1max | P-AUROC | P-AP | P-F1max | AUPRO |"
     )
     # Job 0: means 0.46 + 0.01·i -> percent with one decimal.
@@ -139,8 +148,8 @@ def test_one_png_per_metric_and_swept_key_and_each_is_a_valid_image(grid, tmp_pa
     written = collect([grid]).plot(tmp_path / "plots")
     assert len(written) == len(METRIC_KEYS) * 2
     assert {p.name for p in written} >= {
-        "image_auroc_vs_model.image_score_weight.png",
-        "pixel_aupro_vs_model.top_k_ratio.png",
+        "image_auroc_vs_model.score.retrieval_weight.png",
+        "pixel_aupro_vs_model.score.top_k_ratio.png",
     }
     for path in written:
         with Image.open(path) as image:
@@ -152,9 +161,9 @@ def test_one_png_per_metric_and_swept_key_and_each_is_a_valid_image(grid, tmp_pa
 
 def test_two_swept_keys_give_one_line_per_value_of_the_other(grid):
     report = collect([grid])
-    lines = report.series("model.image_score_weight", "image_auroc")
-    assert sorted(lines) == ["model.top_k_ratio=0.01", "model.top_k_ratio=0.1"]
-    points = lines["model.top_k_ratio=0.1"]
+    lines = report.series("model.score.retrieval_weight", "image_auroc")
+    assert sorted(lines) == ["model.score.top_k_ratio=0.01", "model.score.top_k_ratio=0.1"]
+    points = lines["model.score.top_k_ratio=0.1"]
     assert [x for x, _ in points] == [0.5, 1.0]  # numeric axis, sorted
     assert [y for _, y in points] == pytest.approx(
         [_expected_mean(0.5, 0.1, "image_auroc"), _expected_mean(1.0, 0.1, "image_auroc")]
@@ -199,7 +208,12 @@ def test_jobs_sort_by_number_and_several_run_directories_are_one_table(tmp_path)
 
 
 def test_a_job_without_results_is_listed_as_missing(grid, tmp_path, capsys):
-    _job(grid, "4", ["+experiment=demo", "model.image_score_weight=2.0", "model.top_k_ratio=0.1"], None)
+    _job(
+        grid,
+        "4",
+        ["+experiment=demo", "model.score.retrieval_weight=2.0", "model.score.top_k_ratio=0.1"],
+        None,
+    )
     report = collect([grid])
     assert [job.name for job in report.jobs] == ["0", "1", "2", "3"]
     assert [job.name for job in report.missing] == ["4"]
@@ -208,9 +222,12 @@ def test_a_job_without_results_is_listed_as_missing(grid, tmp_path, capsys):
     assert main([str(grid), "--out", str(out), "--no-plots"]) == 0
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert rows[-1]["job"] == "4" and rows[-1]["status"] == "missing" and rows[-1]["image_auroc"] == ""
-    assert rows[-1]["model.image_score_weight"] == "2.0"
+    assert rows[-1]["model.score.retrieval_weight"] == "2.0"
     markdown = (out / "report.md").read_text()
-    assert "Missing (1 job(s)" in markdown and "- 4: experiment=demo model.image_score_weight=2.0" in markdown
+    assert (
+        "Missing (1 job(s)" in markdown
+        and "- 4: experiment=demo model.score.retrieval_weight=2.0" in markdown
+    )
     assert "1 job(s) have no results.json" in capsys.readouterr().out
 
 

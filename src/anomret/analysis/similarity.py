@@ -29,19 +29,21 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning import LightningModule
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 from torch import Tensor
 
+from anomret.assembly import ConfigError, Purpose, instantiate_all
 from anomret.cli import user_errors
 from anomret.config import config_dir
+from anomret.data.batch import Batch
+from anomret.distributed import all_gather
 from anomret.files import atomic_path, write_text_atomic
 from anomret.memory.labeled import patch_cell_labels
-from anomret.models.checkpoint import load_checkpoint, restore
 from anomret.models.mrad_ft import MRADFT
 from anomret.models.mrad_tf import MRADTF
-from anomret.pipeline import build, build_model, feature_store, load_saved_bank, prepare_run
+from anomret.pipeline import prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -181,52 +183,71 @@ class SimilarityReport:
         return path
 
 
+class SimilarityPass(LightningModule):
+    """One pass over the evaluation images under the run's Trainer: each image's ``s_anom`` sums, TF (and FT
+    with trained heads), gathered over processes with each image once, in dataset order."""
+
+    def __init__(self, model: MRADTF, fine_tuned: bool) -> None:
+        super().__init__()
+        self.model = model  # registered: the Trainer moves it to the device
+        self.fine_tuned = fine_tuned
+        self.per_image: dict[int, tuple[str, dict[str, SimilarityStatistics]]] = {}
+
+    def on_predict_start(self) -> None:
+        self.model.bank = self.model.bank.to(self.device)
+        self.per_image = {}
+
+    @torch.no_grad()
+    def predict_step(self, batch: Batch, batch_idx: int) -> None:
+        model = self.model
+        bank = model.bank
+        queries = model.features(batch).patches[model.layer]
+        anomalous, normal = patch_cell_labels(batch.mask, tuple(queries.shape[1:3]))
+        settings = {"TF": model.retriever(queries, bank.patch_keys, bank.patch_values)[..., 1]}
+        if self.fine_tuned:
+            settings["FT"] = model.heads.patch_scores(queries, model.projected_memory(), dropout=False)
+        for row, (index, category) in enumerate(zip(batch.index.tolist(), batch.category, strict=True)):
+            statistics = {}
+            for setting, s_anom in settings.items():
+                statistics[setting] = SimilarityStatistics()
+                statistics[setting].update(s_anom[row].cpu(), anomalous[row].cpu(), normal[row].cpu())
+            self.per_image.setdefault(index, (category, statistics))
+
+    def report(self, dataset: str) -> SimilarityReport:
+        merged: dict[int, tuple[str, dict[str, SimilarityStatistics]]] = {}
+        for share in all_gather(self.per_image):
+            for index, entry in share.items():
+                merged.setdefault(index, entry)  # an image a padded sampler repeats counts once
+        report = SimilarityReport(dataset)
+        for index in sorted(merged):
+            category, statistics = merged[index]
+            for setting, values in statistics.items():
+                by_category = report.per_category.setdefault(setting, {})
+                by_category[category] = by_category.get(category, SimilarityStatistics()).merge(values)
+        return report
+
+
 def similarity_analysis(cfg: DictConfig) -> SimilarityReport:
     """TF (and, with a trained checkpoint, FT) statistics of ``cfg.dataset`` against the run's bank."""
-    output_dir = prepare_run(cfg)
-    encoder = build(cfg.encoder)
-    store = feature_store(cfg, encoder)
-    datamodule = instantiate(cfg.data, _partial_=True)(
-        dataset=cfg.dataset, preprocess=encoder.preprocess, feature_store=store
-    )
-    model = build_model(cfg, encoder)
+    parts = prepare_run(cfg, Purpose.ANALYSE)
+    model = parts.model
     if not isinstance(model, MRADTF):
-        raise ValueError(f"the similarity analysis is defined for the MRAD methods, not {model.method}")
-    model.set_feature_store(store)
-    ckpt_path = cfg.get("ckpt_path")
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
-    bank, info = load_saved_bank(build(cfg.memory), encoder, "analysis.similarity", checkpoint)
-    model.attach_memory(bank, info)
+        raise ConfigError(f"the similarity analysis is defined for the MRAD methods, not {model.method}")
+    datamodule = parts.datamodule()
+    parts.attach_memory()
+    parts.fit_or_restore()
     fine_tuned = isinstance(model, MRADFT)
-    if fine_tuned:
-        if checkpoint is None and not model.official_checkpoint:
-            raise ValueError(
-                f"{model.method} statistics need its trained heads: pass ckpt_path=.../last.ckpt "
-                "(or model.official_checkpoint=FILE); method=mrad_tf gives the train-free ones alone"
-            )
-        if checkpoint is not None:
-            restore(model, checkpoint, ckpt_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    model.bank = bank.to(device)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    report = SimilarityReport(cfg.dataset.name)
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            batch = move_data_to_device(batch, device)
-            features = model.features(batch)
-            queries = features.patches[model.layer]
-            anomalous, normal = patch_cell_labels(batch.mask, tuple(queries.shape[1:3]))
-            raw = model.retriever(queries, bank.patch_keys.to(device), bank.patch_values.to(device))[..., 1]
-            report.add("TF", batch.category, raw, anomalous, normal)
-            if fine_tuned:
-                projected = model.heads.patch_scores(queries, model.projected_memory(), dropout=False)
-                report.add("FT", batch.category, projected, anomalous, normal)
-    paths = report.write(output_dir)
-    log.info("features: %s", model.extractor.describe())
-    log.info("similarity statistics written to %s", ", ".join(str(p) for p in paths.values()))
-    print(paths["md"].read_text())
+    analysis = SimilarityPass(model, fine_tuned)
+    trainer = parts.trainer(
+        [], [c for c in instantiate_all(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
+    )
+    trainer.predict(analysis, dataloaders=datamodule.test_dataloader(), return_predictions=False)
+    report = analysis.report(cfg.dataset.name)
+    if trainer.is_global_zero:
+        paths = report.write(Path(cfg.paths.output_dir))
+        log.info("features: %s", model.extractor.describe())
+        log.info("similarity statistics written to %s", ", ".join(str(p) for p in paths.values()))
+        print(paths["md"].read_text())
     return report
 
 

@@ -10,7 +10,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,8 @@ class Encoder(nn.Module, ABC):
     feature extraction.
     """
 
+    # Whether the encoder can carry a CLIP text tower (its config's ``keep_text`` then says if it does).
+    text_tower: ClassVar[bool] = False
     name: str
     image_size: int
     patch_size: int

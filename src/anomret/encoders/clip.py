@@ -154,6 +154,8 @@ class CLIPEncoder(Encoder):
         model_kwargs: deep-merged into the open_clip model config (tests build tiny models with it).
     """
 
+    text_tower = True
+
     def __init__(
         self,
         arch: str,

@@ -14,7 +14,6 @@ A killed build leaves only its hidden scratch directory, named like the temporar
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import shutil
 import socket
@@ -32,9 +31,8 @@ from anomret.memory.store import BankError
 
 @functools.cache
 def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    library = ctypes.CDLL(name) if name else None
-    return getattr(library, "malloc_trim", None)
+    # The process's own symbols include the C library's (find_library would run ldconfig to find it).
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def release_freed_memory() -> None:

@@ -1,13 +1,16 @@
 """The base of every retrieval method: frozen encoder, features, maps, test/predict loops, evaluation.
 
-A method subclasses :class:`RetrievalModule` and supplies :meth:`~RetrievalModule.score` (features →
-patch scores and, optionally, an image-level score); a method that trains also supplies
-``training_step`` and ``configure_optimizers`` and sets ``trains = True``. Everything else is here, once:
+A method subclasses :class:`RetrievalModule`, declares what it needs from the rest of a run
+(:class:`MethodNeeds`: memory kind, retrieval kind, trained parts, auxiliary masks, a text tower) and
+supplies :meth:`~RetrievalModule.score` (features → patch scores and, optionally, an image-level score);
+a method that trains also supplies ``training_step`` and ``configure_optimizers``. The run checks every
+declared need against the composed config before anything is built (:mod:`anomret.assembly`).
+Everything else is here, once:
 
 - features come from one :class:`~anomret.features.FeatureExtractor` (through the feature store when
   enabled), never from a second encoder call;
-- patch scores become anomaly maps (upsample + blur) and image scores
-  (``w · image_retrieval + (1 − w) · TopKMean(map)``, or the top-k mean alone for methods without an
+- patch scores become anomaly maps (``model.map``: upsample + blur) and image scores (``model.score``:
+  ``w · image_retrieval + (1 − w) · TopKMean(map)``, or the top-k mean alone for methods without an
   image-level score);
 - the test pass evaluates per category, gathered across processes under DDP;
 - the memory bank is attached from outside (the run builds or loads it) and follows the module's device;
@@ -26,12 +29,11 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from anomret.checks import integer_at_least, number_in
 from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.features.extractor import FeatureExtractor
 from anomret.features.store import FeatureStore
-from anomret.maps import AnomalyMapper, top_k_mean
+from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.memory.base import MemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.metrics.gathered import GatheredEvaluation
@@ -40,6 +42,27 @@ from anomret.metrics.results import EvaluationResult
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "anomret"
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What a method needs from the rest of a run; checked against the config before anything is built.
+
+    Attributes:
+        memory: the memory kind it reads (``memory=`` group: ``labeled``, ``normal``).
+        retrieval: the retrieval kind it calls (``retrieval=`` group: ``softmax``, ``spatial``).
+        trains: it has trained parts (heads, prompts), so evaluating it needs a checkpoint.
+        aux_masks: its memory (and training) read the auxiliary images' pixel masks.
+        text_tower: it runs the encoder's CLIP text tower.
+        unused_parameters: it trains different parameters in different epochs (DDP must look for unused ones).
+    """
+
+    memory: str
+    retrieval: str
+    trains: bool = False
+    aux_masks: bool = False
+    text_tower: bool = False
+    unused_parameters: bool = False
 
 
 @dataclass
@@ -64,47 +87,39 @@ class RetrievalModule(LightningModule):
 
     Args:
         encoder: the frozen encoder (``encoder=`` group).
-        evaluator: per-category metrics (``evaluation=`` group).
-        map_size: side of the anomaly maps.
-        map_sigma: Gaussian blur σ of the maps in pixels (0 = no blur).
-        map_kernel_size: explicit odd blur kernel size (RAD: 5), else scipy's truncate rule.
-        map_padding: ``reflect`` (scipy, MRAD) or ``zeros`` (RAD).
-        image_score_weight: weight of the image-level retrieval in the image score (MRAD code: 0.7).
-        top_k_ratio: share of map pixels averaged into the map's image score (1 %).
+        map: patch scores → anomaly maps (``model.map``: size, blur).
+        score: anomaly map (and image-level retrieval) → image score (``model.score``).
+        evaluator: per-category metrics (``evaluation=`` group); ``None`` for runs that only predict.
     """
 
     method: ClassVar[str] = ""
-    memory_kind: ClassVar[str] = ""
-    trains: ClassVar[bool] = False
+    needs: ClassVar[MethodNeeds]
     # State that is frozen and rebuilt from its config, so checkpoints leave it out.
     frozen_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+    # Constructor arguments that are built objects, not settings: never saved as hyper-parameters.
+    built_arguments: ClassVar[tuple[str, ...]] = ("encoder", "retrieval", "evaluator", "map", "score")
 
     def __init__(
         self,
         encoder: Encoder,
-        evaluator: CategoryEvaluator,
-        map_size: int,
-        map_sigma: float = 4.0,
-        map_kernel_size: int | None = None,
-        map_padding: str = "reflect",
-        image_score_weight: float = 0.7,
-        top_k_ratio: float = 0.01,
+        map: AnomalyMapper,
+        score: ImageScorer | None = None,
+        evaluator: CategoryEvaluator | None = None,
     ) -> None:
         super().__init__()
-        self.image_score_weight = number_in(image_score_weight, "model.image_score_weight", 0.0, 1.0)
-        self.top_k_ratio = number_in(top_k_ratio, "model.top_k_ratio", 0.0, 1.0, low_open=True)
-        integer_at_least(map_size, "model.map_size", 1)
-        number_in(map_sigma, "model.map_sigma", 0.0)  # 0: no blur
-        kernel = integer_at_least(map_kernel_size, "model.map_kernel_size", 1, none="scipy's truncate rule")
-        if kernel is not None and kernel % 2 == 0:
-            raise ValueError(f"model.map_kernel_size must be odd, got {kernel}")
         self.encoder = encoder
         self.extractor = FeatureExtractor(encoder)
-        self.mapper = AnomalyMapper(map_size, map_sigma, kernel_size=map_kernel_size, padding=map_padding)
-        self.evaluation = GatheredEvaluation(evaluator)
+        self.mapper = map
+        self.scorer = score or ImageScorer()
+        self.evaluation = None if evaluator is None else GatheredEvaluation(evaluator)
         self.bank: MemoryBank | None = None
         self.bank_info: dict[str, Any] | None = None
         self.test_results: EvaluationResult | None = None
+
+    @property
+    def trains(self) -> bool:
+        """True when a fit pass trains parts of this module (a method with trained parts, not loaded)."""
+        return self.needs.trains
 
     # ----------------------------------------------------------------------------- memory, store
     def set_feature_store(self, store: FeatureStore | None) -> None:
@@ -116,9 +131,9 @@ class RetrievalModule(LightningModule):
 
     def attach_memory(self, bank: MemoryBank, info: dict[str, Any]) -> None:
         """Use ``bank``; ``info`` (path, kind, identity) is recorded in checkpoints and artifacts."""
-        if self.memory_kind and bank.kind != self.memory_kind:
+        if bank.kind != self.needs.memory:
             raise ValueError(
-                f"{self.method} needs a '{self.memory_kind}' memory bank, got a '{bank.kind}' bank"
+                f"{self.method} needs a '{self.needs.memory}' memory bank, got a '{bank.kind}' bank"
             )
         bank.check_compatible(self.memory_dims(bank))
         self.bank = bank
@@ -141,8 +156,13 @@ class RetrievalModule(LightningModule):
 
     def on_test_start(self) -> None:
         self._bank_to_device()
-        self.evaluation.reset()
+        self._evaluation().reset()
         self.test_results = None
+
+    def _evaluation(self) -> GatheredEvaluation:
+        if self.evaluation is None:
+            raise RuntimeError(f"{self.method} was built without an evaluator: it can predict, not test")
+        return self.evaluation
 
     def on_predict_start(self) -> None:
         self._bank_to_device()
@@ -157,12 +177,7 @@ class RetrievalModule(LightningModule):
 
     def combine(self, output: MethodOutput) -> ScoredBatch:
         anomaly_map = self.mapper(output.patch_scores)
-        map_score = top_k_mean(anomaly_map, self.top_k_ratio)
-        if output.image_retrieval is None:
-            image_score = map_score
-        else:
-            weight = self.image_score_weight
-            image_score = weight * output.image_retrieval + (1 - weight) * map_score
+        image_score, map_score = self.scorer(anomaly_map, output.image_retrieval)
         return ScoredBatch(output.patch_scores, anomaly_map, image_score, map_score, output.image_retrieval)
 
     def forward(self, batch: Batch) -> ScoredBatch:
@@ -176,9 +191,9 @@ class RetrievalModule(LightningModule):
         if masks.shape[-2:] != scored.anomaly_map.shape[-2:]:
             raise ValueError(
                 f"masks are {tuple(masks.shape[-2:])} but anomaly maps {tuple(scored.anomaly_map.shape[-2:])}: "
-                "set data.mask_size to the model's map_size"
+                "set data.mask_size to the model's map size (model.map.size)"
             )
-        self.evaluation.update(
+        self._evaluation().update(
             batch.index, batch.category, scored.image_score, batch.label, scored.anomaly_map, masks
         )
         return {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}
@@ -193,7 +208,7 @@ class RetrievalModule(LightningModule):
         return out
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self.evaluation.compute()
+        self.test_results = self._evaluation().compute()
         logged = {}
         for category, values in {**self.test_results.per_category, "mean": self.test_results.mean}.items():
             for metric, value in values.items():

@@ -16,7 +16,7 @@ import torch
 from anomret.models.base import CHECKPOINT_KEY, RetrievalModule
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used by this run."""
 
 
@@ -53,7 +53,7 @@ def restore(model: RetrievalModule, checkpoint: dict[str, Any], path: str | Path
     if checkpoint.get("method") != current["method"]:
         raise CheckpointError(
             f"{where} was trained for {checkpoint.get('method')}, but this run's model is {current['method']}. "
-            f"Fix: compose the run with model={checkpoint.get('method')} (or its experiment)."
+            f"Fix: evaluate it with method={checkpoint.get('method')} (or the experiment it was trained with)."
         )
     stored_encoder, encoder = checkpoint.get("encoder") or {}, current["encoder"]
     if stored_encoder != encoder:

@@ -23,7 +23,9 @@ The bias source is the paper's Table 2 ablation: ``dual`` (default), ``anomaly``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from inspect import signature
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,8 +33,9 @@ from torch import Tensor
 from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.losses import segmentation_loss
+from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodOutput
+from anomret.models.base import MethodNeeds, MethodOutput
 from anomret.models.mrad_ft import MRADFT, upsample_probabilities
 from anomret.models.projections import ProjectedMemory
 from anomret.models.prompts import MRADPromptLearner, cosine_classifier, region_priors
@@ -40,27 +43,34 @@ from anomret.retrieval.softmax import SoftmaxRetriever
 
 log = logging.getLogger(__name__)
 
-CLIP_ENCODER = "anomret.encoders.clip.CLIPEncoder"
-
 
 class MRADCLIP(MRADFT):
     """MRAD-CLIP on the method base (see the module docstring).
 
     Args:
-        encoder, retrieval, evaluator, map_size, …, official_checkpoint: see
+        encoder, retrieval, map, score, evaluator, official_checkpoint and the training options: see
             :class:`~anomret.models.mrad_ft.MRADFT` (``lr_schedule`` defaults to ``constant`` here, as
             the official MRAD-CLIP pipeline).
+        prompts: the prompt learner's options (``model.prompts``: ``n_ctx``, ``deep_length``,
+            ``deep_layers``, ``deep_start``, ``class_name``, the templates, ``bias_source``,
+            ``round_deep_prompts``), see :class:`~anomret.models.prompts.MRADPromptLearner`.
         ft_epochs: epochs of the FT stage (1); the CLIP stage runs for the rest of ``trainer.max_epochs``.
-        n_ctx, deep_length, deep_layers, deep_start, class_name, normal_template, anomalous_template,
-            bias_source, round_deep_prompts: see :class:`~anomret.models.prompts.MRADPromptLearner`.
         prior_threshold: anomalous-region threshold of the FT patch retrieval (0.5).
         text_temperature: temperature of the cosine classifier (0.07).
     """
 
     method = "mrad_clip"
-    encoder_target = CLIP_ENCODER  # checked by the run before anything is built
     # Each stage leaves a part unused (prompts in the FT stage, heads in the CLIP stage).
-    ddp_find_unused_parameters = True
+    needs = MethodNeeds(
+        memory="labeled",
+        retrieval="softmax",
+        trains=True,
+        aux_masks=True,
+        text_tower=True,
+        unused_parameters=True,
+    )
+    # Nested option groups and the class whose keyword arguments they are (checked before anything is built).
+    option_groups: ClassVar[dict[str, type]] = {"prompts": MRADPromptLearner}
     # The text tower is the encoder's own (shared weights): frozen, left out of checkpoints.
     frozen_prefixes = ("encoder.", "text.")
 
@@ -68,18 +78,11 @@ class MRADCLIP(MRADFT):
         self,
         encoder: Encoder,
         retrieval: SoftmaxRetriever,
-        evaluator: CategoryEvaluator,
-        map_size: int,
+        map: AnomalyMapper,
+        score: ImageScorer | None = None,
+        evaluator: CategoryEvaluator | None = None,
+        prompts: Mapping[str, Any] | None = None,
         ft_epochs: int = 1,
-        n_ctx: int = 12,
-        deep_length: int = 4,
-        deep_layers: int = 8,
-        deep_start: int = 2,
-        class_name: str = "object",
-        normal_template: str = "{}",
-        anomalous_template: str = "damaged {}",
-        bias_source: str = "dual",
-        round_deep_prompts: bool = True,
         prior_threshold: float = 0.5,
         text_temperature: float = 0.07,
         lr_schedule: str = "constant",
@@ -91,7 +94,7 @@ class MRADCLIP(MRADFT):
                 f"MRAD-CLIP needs a CLIP encoder with its text tower (encoder=clip_vit_l14_336 or tiny_clip), "
                 f"got {type(encoder).__name__}. Fix: choose a CLIP encoder, or use method=mrad_ft."
             )
-        super().__init__(encoder, retrieval, evaluator, map_size, lr_schedule=lr_schedule, **ft_options)
+        super().__init__(encoder, retrieval, map, score, evaluator, lr_schedule=lr_schedule, **ft_options)
         if ft_epochs < 0:
             raise ValueError(f"model.ft_epochs must be >= 0, got {ft_epochs}")
         if not 0 < prior_threshold < 1:
@@ -101,21 +104,13 @@ class MRADCLIP(MRADFT):
         self.ft_epochs = int(ft_epochs)
         self.prior_threshold = float(prior_threshold)
         self.text_temperature = float(text_temperature)
+        options = dict(prompts or {})
+        deep_start = int(
+            options.get("deep_start", signature(MRADPromptLearner).parameters["deep_start"].default)
+        )
         # Registered (not only held by the prompt learner) so its buffers follow the module's device.
         self.text = text = encoder.text_encoder(deep_start=deep_start)
-        self.prompts = MRADPromptLearner(
-            text,
-            n_ctx=n_ctx,
-            deep_length=deep_length,
-            deep_layers=deep_layers,
-            deep_start=deep_start,
-            class_name=class_name,
-            normal_template=normal_template,
-            anomalous_template=anomalous_template,
-            bias_source=bias_source,
-            prior_dim=encoder.cls_dim,
-            round_deep_prompts=round_deep_prompts,
-        )
+        self.prompts = MRADPromptLearner(text, prior_dim=encoder.cls_dim, **options)
         if official_checkpoint:
             self.load_official(official_checkpoint)
 

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
 from anomret.losses import image_retrieval_loss, segmentation_loss
+from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.metrics.evaluator import CategoryEvaluator
+from anomret.models.base import MethodNeeds
 from anomret.models.mrad_tf import MRADTF
 from anomret.models.official_checkpoint import load_official_checkpoint
 from anomret.models.projections import MRADProjectionHeads, ProjectedMemory
@@ -50,8 +51,8 @@ class MRADFT(MRADTF):
     """MRAD-FT on the method base (see the module docstring).
 
     Args:
-        encoder, retrieval, evaluator, map_size, map_sigma, image_score_weight, top_k_ratio: see
-            :class:`~anomret.models.mrad_tf.MRADTF` (``retrieval`` is kept for the MRAD-TF comparison).
+        encoder, retrieval, map, score, evaluator: see :class:`~anomret.models.mrad_tf.MRADTF`
+            (``retrieval`` is kept for the MRAD-TF comparison).
         out_dim: projected dimension of both levels (``None``: the encoder's image dimension, 768 for
             ViT-L/14 as in the official code).
         patch_drop_ratio / image_drop_ratio: similarity dropout in training (0.2 / 0.05; the official
@@ -70,17 +71,15 @@ class MRADFT(MRADTF):
     """
 
     method = "mrad_ft"
-    trains = True
+    needs = MethodNeeds(memory="labeled", retrieval="softmax", trains=True, aux_masks=True)
 
     def __init__(
         self,
         encoder: Encoder,
         retrieval: SoftmaxRetriever,
-        evaluator: CategoryEvaluator,
-        map_size: int,
-        map_sigma: float = 4.0,
-        image_score_weight: float = 0.7,
-        top_k_ratio: float = 0.01,
+        map: AnomalyMapper,
+        score: ImageScorer | None = None,
+        evaluator: CategoryEvaluator | None = None,
         out_dim: int | None = None,
         patch_drop_ratio: float = 0.2,
         image_drop_ratio: float = 0.05,
@@ -93,18 +92,8 @@ class MRADFT(MRADTF):
         head_init: str = "default",
         official_checkpoint: str | None = None,
         query_chunk: int = 2048,
-        **map_options: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            retrieval,
-            evaluator,
-            map_size,
-            map_sigma,
-            image_score_weight=image_score_weight,
-            top_k_ratio=top_k_ratio,
-            **map_options,
-        )
+        super().__init__(encoder, retrieval, map, score, evaluator)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"model.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if head_init not in HEAD_INITS:
@@ -139,8 +128,12 @@ class MRADFT(MRADTF):
         and the run evaluates instead of training (the pipeline fits only modules whose ``trains`` is set)."""
         load_official_checkpoint(path, **self.official_modules())
         self.official_checkpoint = str(path)
-        self.trains = False
         log.info("%s: using the official checkpoint %s (nothing is trained)", self.method, path)
+
+    @property
+    def trains(self) -> bool:
+        """Heads loaded from an official checkpoint are used as they are: nothing to fit."""
+        return self.official_checkpoint is None
 
     def official_modules(self) -> dict[str, Any]:
         """The modules an official checkpoint's sections are loaded into."""
@@ -219,16 +212,6 @@ class MRADFT(MRADTF):
             encoded,
             reused,
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # Plain containers only: checkpoints are read back with weights_only=True (no omegaconf classes).
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams is not None:
-            checkpoint["hyper_parameters"] = {
-                k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-                for k, v in hparams.items()
-            }
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -12,14 +12,13 @@ Scores (MRAD paper Eq. 7–9, official code constants):
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from anomret.encoders.base import Encoder, Features
+from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.memory.labeled import LabeledMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodOutput, RetrievalModule
+from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
 from anomret.retrieval.softmax import SoftmaxRetriever
 
 
@@ -27,38 +26,25 @@ class MRADTF(RetrievalModule):
     """MRAD-TF on the method base: the labelled bank is built by the memory pass, nothing trains.
 
     Args:
-        encoder, evaluator, map_size, map_sigma, image_score_weight, top_k_ratio: see
-            :class:`~anomret.models.base.RetrievalModule`.
+        encoder, map, score, evaluator: see :class:`~anomret.models.base.RetrievalModule`.
         retrieval: the retrieval function (``retrieval=softmax``).
     """
 
     method = "mrad_tf"
-    memory_kind = "labeled"
     # The labelled bank (and MRAD-FT/CLIP training) read the auxiliary images' pixel masks.
-    needs_aux_masks = True
+    needs = MethodNeeds(memory="labeled", retrieval="softmax", aux_masks=True)
 
     def __init__(
         self,
         encoder: Encoder,
         retrieval: SoftmaxRetriever,
-        evaluator: CategoryEvaluator,
-        map_size: int,
-        map_sigma: float = 4.0,
-        image_score_weight: float = 0.7,
-        top_k_ratio: float = 0.01,
-        **map_options: Any,
+        map: AnomalyMapper,
+        score: ImageScorer | None = None,
+        evaluator: CategoryEvaluator | None = None,
     ) -> None:
-        super().__init__(
-            encoder,
-            evaluator,
-            map_size,
-            map_sigma,
-            image_score_weight=image_score_weight,
-            top_k_ratio=top_k_ratio,
-            **map_options,
-        )
+        super().__init__(encoder, map, score, evaluator)
         # logger=False: the run logs its whole resolved config once; this would log a subset again.
-        self.save_hyperparameters(ignore=["encoder", "retrieval", "evaluator"], logger=False)
+        self.save_hyperparameters(ignore=list(self.built_arguments), logger=False)
         self.retriever = retrieval
 
     @property

@@ -116,7 +116,7 @@ def map_official_checkpoint(
                 if section in checkpoint:
                     problems.append(
                         "prompt_proj: the checkpoint has prompt-bias maps but this learner has none "
-                        f"(bias_source={prompts.bias_source!r}); use bias_source='dual'"
+                        f"(bias_source={prompts.bias_source!r}); use model.prompts.bias_source=dual"
                     )
                 continue
             if section not in checkpoint:

@@ -5,11 +5,11 @@ Per test image (the RAD paper, Sec. 3; the official code's constants):
 1. global context retrieval: the K memory images whose final CLS is most cosine-similar;
 2. per layer, each test patch's score is 1 − its largest cosine with the patches of those K images
    inside the L∞ window of radius ρ around its position (the window clipped at the border);
-3. the layer maps are averaged with weights (equal by default), upsampled bilinearly to ``map_size``
+3. the layer maps are averaged with weights (equal by default), upsampled bilinearly to ``model.map.size``
    (256) and blurred with the 5×5 σ = 1 zero-padded Gaussian (the method base's mapper);
 4. the image score is the mean of the top 1 % of the map.
 
-Native-resolution maps: ``model.map_size=${encoder.image_size}`` (the masks follow ``model.map_size``).
+Native-resolution maps: ``model.map.size=${encoder.image_size}`` (the masks follow ``model.map.size``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from anomret.encoders.base import Encoder, Features
+from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodOutput, RetrievalModule
+from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
 from anomret.retrieval.spatial import SpatialRetrieval, layer_weights
 
 
@@ -28,44 +29,29 @@ class RAD(RetrievalModule):
     """RAD on the method base: the normal-image bank is built by the memory pass, nothing trains.
 
     Args:
-        encoder, evaluator, map_size, map_sigma, map_kernel_size, map_padding, top_k_ratio: see
-            :class:`~anomret.models.base.RetrievalModule` (RAD: 256, σ 1, 5×5, zero padding, 1 %).
+        encoder, map, score, evaluator: see :class:`~anomret.models.base.RetrievalModule` (RAD's
+            ``model.map``: 256 px, σ 1, 5×5, zero padding; ``model.score``: the top 1 % mean).
         retrieval: global top-K + windowed 1-NN (``retrieval=spatial``: ``k``, ``rho``).
-        layers: the memory layers scored (``None``: all of the bank's; ``[11]``: the one-layer ablation).
+        layers: the memory layers scored (``None``: all of the bank's; ``[12]``: the one-layer ablation).
         layer_weights: fusion weights, a list in ``layers`` order or a mapping layer → weight,
             renormalised to sum to 1 (``None``: equal, as the paper).
     """
 
     method = "rad"
-    memory_kind = "normal"
-    retrieval_target = "anomret.retrieval.spatial.SpatialRetrieval"
+    needs = MethodNeeds(memory="normal", retrieval="spatial")
 
     def __init__(
         self,
         encoder: Encoder,
         retrieval: SpatialRetrieval,
-        evaluator: CategoryEvaluator,
-        map_size: int = 256,
-        map_sigma: float = 1.0,
-        map_kernel_size: int | None = 5,
-        map_padding: str = "zeros",
-        top_k_ratio: float = 0.01,
+        map: AnomalyMapper,
+        score: ImageScorer | None = None,
+        evaluator: CategoryEvaluator | None = None,
         layers: Sequence[int] | None = None,
         layer_weights: Sequence[float] | Mapping[int, float] | None = None,
-        **map_options: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            evaluator,
-            map_size,
-            map_sigma,
-            map_kernel_size=map_kernel_size,
-            map_padding=map_padding,
-            image_score_weight=0.0,
-            top_k_ratio=top_k_ratio,
-            **map_options,
-        )
-        self.save_hyperparameters(ignore=["encoder", "retrieval", "evaluator"], logger=False)
+        super().__init__(encoder, map, score, evaluator)
+        self.save_hyperparameters(ignore=list(self.built_arguments), logger=False)
         self.retriever = retrieval
         self.layers = None if layers is None else [int(layer) for layer in layers]
         if isinstance(layer_weights, Mapping):

@@ -11,6 +11,7 @@ log-sum-exp, so peak memory is ``query_chunk × key_chunk`` similarities whateve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class SoftmaxRetriever:
     Keys are stored normalised in the memory bank, so the logits are cosine similarities / τ.
     """
 
+    kind: ClassVar[str] = "softmax"
     tau: float = 1.0
     normalize_query: bool = True
     query_chunk: int = 4096

@@ -28,7 +28,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, overload
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -390,6 +390,7 @@ class SpatialRetrieval:
         neighbor_chunk / query_chunk / tile: working-memory and speed knobs of :func:`spatial_knn_scores`.
     """
 
+    kind: ClassVar[str] = "spatial"
     k: int | None = 150
     rho: int | None = 1
     cap_k: bool = False
