@@ -177,7 +177,7 @@ def test_prompt_text_and_bias_source_must_match(tmp_path, text):
     ):
         load_official_checkpoint(path, heads=heads, prompts=good)
     _, static = _modules(text, bias_source="none")
-    with pytest.raises(OfficialCheckpointError, match="model.prompts.bias_source=dual"):
+    with pytest.raises(OfficialCheckpointError, match=r"model\.prompts\.bias_source=dual"):
         load_official_checkpoint(path, prompts=static)
     _, anomaly_only = _modules(text, bias_source="anomaly")
     with pytest.raises(
