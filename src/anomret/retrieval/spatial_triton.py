@@ -153,8 +153,20 @@ class WindowMax:
             self._halves = hi, (scaled - hi.float()).half()
         return self._halves
 
-    def fold(self, bank: Tensor, neighbors: Tensor, first: int = 0) -> None:
-        """Fold in the neighbours ``[n, K]`` (rows of ``bank``, on its device) of queries ``first..first+n``."""
+    def fold(
+        self,
+        bank: Tensor,
+        neighbors: Tensor,
+        first: int = 0,
+        *,
+        block_k: int | None = None,
+        num_warps: int = 4,
+    ) -> None:
+        """Fold in the neighbours ``[n, K]`` (rows of ``bank``, on its device) of queries ``first..first+n``.
+
+        ``block_k`` (neighbours per program, a power of two from 16) and ``num_warps`` are launch
+        settings; the defaults suit the paper's shapes.
+        """
         if bank.dtype not in BANK_DTYPES:
             bank = bank.float()
         split = bank.dtype in _SPLIT_DTYPES
@@ -163,7 +175,7 @@ class WindowMax:
         stop = first + n_queries
         window_h, window_w = min(2 * self.rho + 1, self.h), min(2 * self.rho + 1, self.w)
         block_m = _block(window_h * window_w, 16, 64)
-        block_k = _block(n_neighbors, 16, 64)
+        block_k = block_k or _block(n_neighbors, 16, 64)
         n_slot_blocks = triton.cdiv(window_h * window_w, block_m)
         n_k_blocks = triton.cdiv(n_neighbors, block_k)
         grid = (n_queries * self.h * self.w * n_slot_blocks * n_k_blocks,)
@@ -191,7 +203,7 @@ class WindowMax:
                 BLOCK_M=block_m,
                 BLOCK_K=block_k,
                 BLOCK_D=_block(self.dim, 16, 64),
-                num_warps=4,
+                num_warps=num_warps,
             )
 
     def scores(self) -> Tensor:
