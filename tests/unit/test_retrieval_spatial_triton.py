@@ -206,7 +206,7 @@ def test_backend_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8, torch.float32], ids=str)
 def test_kernel_on_gpu_matches_literal_loop(dtype):
-    query, bank, gen = _random(2, 9, 5, 7, 80, seed=7, dtype=dtype)
+    query, bank, gen = _random(2, 9, 4, 6, 80, seed=7, dtype=dtype)
     neighbors = torch.randint(0, 9, (2, 70), generator=gen)
     for rho in (0, 1, 2, 9):
         expected = _literal(query, bank, neighbors, rho)
