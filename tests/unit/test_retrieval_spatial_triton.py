@@ -221,11 +221,15 @@ def test_kernel_on_gpu_matches_literal_loop(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernel_on_gpu_at_paper_shape_matches_float64():
+    # Half the bank is the queries plus noise (cosines near 0.95, as between real normal patches): a sum
+    # accumulated with truncation over all 768 channels would be off by about 2e-6 there.
     gen = torch.Generator().manual_seed(8)
     query = torch.randn(2, 28, 28, 768, generator=gen)
-    bank = torch.randn(40, 28, 28, 768, generator=gen).half()
-    neighbors = torch.randint(0, 40, (2, 33), generator=gen)
+    near = query.repeat(10, 1, 1, 1) + 0.3 * torch.randn(20, 28, 28, 768, generator=gen)
+    bank = torch.cat([near, torch.randn(20, 28, 28, 768, generator=gen)]).half()
+    neighbors = torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)])
     for rho in (1, 2):
         expected = spatial_knn_scores(query.double(), bank, neighbors, rho)
+        assert expected.min() < 0.1  # the near rows are found
         got = spatial_knn_scores(query.cuda(), bank.cuda(), neighbors.cuda(), rho)
         np.testing.assert_allclose(got.cpu().numpy(), expected.numpy(), rtol=0, atol=ATOL)

@@ -1,4 +1,4 @@
-"""Triton kernel for RAD's windowed patch 1-NN, the GPU path of :func:`~anomret.retrieval.spatial.spatial_knn_scores`.
+"""Triton kernel for RAD's windowed patch 1-NN, the GPU path of ``spatial_knn_scores``.
 
 Work split. One program takes one query image, one reference grid position p' and a block of that image's
 neighbours. The query patches that can see p' (its window, at most ``(2ρ + 1)²`` of them) are compared in
@@ -11,12 +11,14 @@ memory once, and nothing is ever gathered into a work buffer.
 
 Precision: fp32 accumulation throughout, and products as exact as fp32's.
 
-- fp16 and int8 rows are exact in fp16 and go to the fp16 tensor cores as stored. The normalised query
-  is split into two fp16 halves, ``hi = fp16(2^12 q)`` and ``lo = fp16(2^12 q - hi)`` (the power of two
-  keeps ``lo`` clear of fp16's subnormals), so ``hi + lo`` holds ``2^12 q`` to about ``2^-22`` of its
-  length; both halves are multiplied with the same rows into one fp32 accumulator. A cosine is then off by
-  at most about ``2.4e-7`` plus fp32 round-off. Cosine ignores a positive per-vector scale, so int8 rows
-  are used without their scales.
+- fp16 and int8 rows are exact in fp16 and go to the fp16 tensor cores as stored (cosine ignores a
+  positive per-vector scale, so int8 rows are used without their scales). The normalised query is split
+  into two fp16 halves, ``hi = fp16(2^12 q)`` and ``lo = fp16(2^12 q - hi)`` (the power of two keeps
+  ``lo`` clear of fp16's subnormals), so ``hi + lo`` holds ``2^12 q`` to about ``2^-22`` of its length;
+  both halves are multiplied with the same rows, products exact in fp32. A cosine is then off by at most
+  about ``2.4e-7`` plus fp32 round-off. Each block of 64 channels is summed on the tensor cores and the
+  blocks are added in fp32 on the CUDA cores, so the tensor cores' truncating accumulation only ever
+  acts on short sums.
 - fp32 and bf16 rows (not exact in fp16) use an IEEE fp32 dot on the CUDA cores.
 
 The inverse norm of every row is accumulated in fp32 from the same loads. ``TRITON_INTERPRET=1`` (set
@@ -64,7 +66,7 @@ def _window_max_kernel(
     n_slot_blocks,
     n_k_blocks,
     eps,
-    inv_scale,
+    inv_scale,  # 2^-12: undoes the halves' scaling (SPLIT)
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,14 +114,18 @@ def _window_max_kernel(
         q_offsets = query_rows[:, None] + ds[None, :]
         q_mask = in_window[:, None] & d_ok[None, :]
         if SPLIT:
+            # Tensor cores may truncate as they accumulate, so each channel block gets a fresh sum, added
+            # to the total on the CUDA cores (rounded): the truncation stays the size of one block's
+            # partial dot, not of the whole cosine. The scaling also keeps the add from being fused back.
             keys = tl.trans(stored.to(tl.float16))
-            acc = tl.dot(tl.load(query_hi + q_offsets, mask=q_mask, other=0), keys, acc)
-            acc = tl.dot(tl.load(query_lo + q_offsets, mask=q_mask, other=0), keys, acc)
+            block = tl.dot(tl.load(query_lo + q_offsets, mask=q_mask, other=0), keys)
+            block = tl.dot(tl.load(query_hi + q_offsets, mask=q_mask, other=0), keys, block)
+            acc += block * inv_scale
         else:
             q = tl.load(query_hi + q_offsets, mask=q_mask, other=0)
             acc = tl.dot(q, tl.trans(exact), acc, input_precision="ieee")
 
-    inv_norm = tl.div_rn(inv_scale, tl.maximum(tl.sqrt_rn(sum_sq), eps))
+    inv_norm = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sum_sq), eps))
     cosine = tl.where(k_ok[None, :], acc * inv_norm[None, :], float("-inf"))
     tl.atomic_max(best + image * h * w + query_pos, tl.max(cosine, axis=1), mask=in_window)
 
@@ -198,7 +204,7 @@ class WindowMax:
                 n_slot_blocks,
                 n_k_blocks,
                 _EPS,
-                1 / _SPLIT_SCALE if split else 1.0,
+                1 / _SPLIT_SCALE,
                 SPLIT=split,
                 BLOCK_M=block_m,
                 BLOCK_K=block_k,
