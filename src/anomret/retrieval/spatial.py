@@ -22,9 +22,9 @@ trade ``(tile + 2ρ)² / (2ρ + 1)²`` times the work for larger matmuls. A ρ a
 unconstrained 1-NN over the neighbours' patches.
 
 On a GPU the same scores come from a Triton kernel (:mod:`anomret.retrieval.spatial_triton`) that reads
-each stored neighbour row once, straight from the bank through the neighbour index, with no work buffers
-and no host synchronisation; the tiled matmuls above are the CPU path and the fallback wherever the
-kernel does not apply (see :func:`spatial_knn_scores`).
+each stored neighbour row once, straight from the bank through the neighbour index: one launch for a
+batch, no work buffers. The tiled matmuls above are the CPU path and the fallback wherever the kernel
+does not apply (see :func:`spatial_knn_scores`).
 """
 
 from __future__ import annotations
