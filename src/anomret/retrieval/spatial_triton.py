@@ -171,7 +171,8 @@ class WindowMax:
         """Fold in the neighbours ``[n, K]`` (rows of ``bank``, on its device) of queries ``first..first+n``.
 
         ``block_k`` (neighbours per program, a power of two from 16) and ``num_warps`` are launch
-        settings; the defaults suit the paper's shapes.
+        settings, chosen for the paper's shapes without a GPU measurement; ``bench_spatial.py
+        --candidates`` compares others.
         """
         if bank.dtype not in BANK_DTYPES:
             bank = bank.float()
