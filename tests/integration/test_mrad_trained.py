@@ -336,7 +336,9 @@ def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
         )
 
 
-def test_same_command_same_numbers_whether_the_bank_was_built_or_read_from_the_cache(trained, data_dir, tmp_path):
+def test_same_command_same_numbers_whether_the_bank_was_built_or_read_from_the_cache(
+    trained, data_dir, tmp_path
+):
     """The memory pass of a run that builds its bank used to draw from the global RNG before training, so
     the heads trained on another shuffle than in a run that found the bank cached."""
     root, runs = trained

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from anomret.retrieval import (
     global_topk,
     multilayer_spatial_knn_scores,
+    spatial,
     spatial_knn_scores,
 )
 from anomret.retrieval.spatial import GlobalTopK, exact_matmul, layer_weights
@@ -206,6 +209,40 @@ def test_multilayer_is_the_weighted_mean_of_layers():
         layer_weights([3, 11], [1.0, -1.0])
     with pytest.raises(ValueError, match="2 layers"):
         layer_weights([3, 11], [1.0])
+
+
+class _BrokenKernels:
+    """Stands in for the kernel module of a broken triton install: every launch fails."""
+
+    BANK_DTYPES = (torch.float16,)
+
+    class WindowMax:
+        def __init__(self, *args, **kwargs) -> None:
+            raise RuntimeError("no C compiler to build the launcher")
+
+
+def test_a_kernel_that_fails_at_first_launch_falls_back_to_the_torch_path(monkeypatch):
+    def broken_where_it_applies(query, bank, backend):
+        if backend == "torch" or (backend == "auto" and spatial._KernelHealth.failure is not None):
+            return None
+        return _BrokenKernels
+
+    monkeypatch.setattr(spatial, "_kernel_applies", broken_where_it_applies)
+    monkeypatch.setattr(spatial._KernelHealth, "succeeded", False)
+    monkeypatch.setattr(spatial._KernelHealth, "failure", None)
+    gen = torch.Generator().manual_seed(9)
+    query, bank = torch.randn(2, 3, 4, 8, generator=gen), torch.randn(3, 3, 4, 8, generator=gen).half()
+    neighbors = torch.tensor([[0, 2], [1, 1]])
+    with pytest.warns(RuntimeWarning, match="no C compiler.*torch path from now on"):
+        got = spatial_knn_scores(query, bank, neighbors, 1)
+    assert isinstance(spatial._KernelHealth.failure, RuntimeError)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls go straight to the torch path
+        torch.testing.assert_close(spatial_knn_scores(query, bank, neighbors, 1), got)
+    torch.testing.assert_close(got, spatial_knn_scores(query, bank, neighbors, 1, backend="torch"))
+    # Forced, the kernel's error is the caller's to see.
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        spatial_knn_scores(query, bank, neighbors, 1, backend="triton")
 
 
 # ----------------------------------------------------------------------------- global top-K

@@ -20,14 +20,23 @@ times, the official per-position loop copies it (2ρ + 1)² times). With the def
 matmuls do exactly the minimum work, ``(2ρ + 1)²`` dot products per patch and neighbour; larger tiles
 trade ``(tile + 2ρ)² / (2ρ + 1)²`` times the work for larger matmuls. A ρ as large as the grid is
 unconstrained 1-NN over the neighbours' patches.
+
+On a GPU the same scores come from a Triton kernel (:mod:`anomret.retrieval.spatial_triton`) that reads
+each stored neighbour row once, straight from the bank through the neighbour index: one launch for a
+batch, no work buffers. The tiled matmuls above are the CPU path and the fallback wherever the kernel
+does not apply (see :func:`spatial_knn_scores`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, overload
 
 import torch
@@ -199,6 +208,51 @@ def _bank_len(bank: PatchBank) -> int | None:
         return None
 
 
+Backend = Literal["auto", "torch", "triton"]
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """The kernel module, or ``None`` where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from anomret.retrieval import spatial_triton
+
+    return spatial_triton
+
+
+class _KernelHealth:
+    """Whether a kernel launch has succeeded in this process (later failures are then real errors), or
+    the error that made the first one fail (a broken triton install: the torch path is used from then on)."""
+
+    succeeded = False
+    failure: Exception | None = None
+
+
+def _kernel_applies(query: Tensor, bank: PatchBank, backend: Backend) -> ModuleType | None:
+    """The kernel module when the Triton path scores this call, else ``None`` (torch path)."""
+    if backend == "torch" or (backend == "auto" and (not query.is_cuda or query.dtype == torch.float64)):
+        return None
+    kernels = _triton_kernels()
+    if backend == "triton":
+        if kernels is None:
+            raise ValueError("backend='triton' needs triton, which is not installed")
+        if query.dtype == torch.float64:
+            raise ValueError("float64 queries are scored exactly by the torch path, not the fp32 kernel")
+        if not (query.is_cuda or kernels.INTERPRETED):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+        return kernels
+    if kernels is None or kernels.INTERPRETED:
+        return None
+    if _KernelHealth.failure is not None:
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None  # the fp16 tensor-core dot needs Ampere or newer
+    if isinstance(bank, Tensor) and bank.device == query.device and bank.dtype not in kernels.BANK_DTYPES:
+        return None  # the kernel would need a cast copy of the whole bank
+    return kernels
+
+
 def spatial_knn_scores(
     query: Tensor,
     bank: PatchBank,
@@ -208,6 +262,7 @@ def spatial_knn_scores(
     neighbor_chunk: int = 32,
     query_chunk: int = 1,
     tile: int = 1,
+    backend: Backend = "auto",
 ) -> Tensor:
     """RAD's spatially conditioned patch score: ``1 - max cosine`` over the window of the K neighbours.
 
@@ -217,21 +272,37 @@ def spatial_knn_scores(
 
     Args:
         query: ``[B, h, w, D]`` test patch features (normalised here, in float32; float64 stays float64).
-        bank: ``[N, h, w, D]`` memory patch features of the same layer, any float dtype and device; or an
-            object whose ``bank[index]`` (or a callable whose ``bank(index)``) takes an int64 CPU index
-            tensor and returns those rows ``[n, h, w, D]``. Only rows named in ``neighbors`` are read, at
-            most ``query_chunk × neighbor_chunk`` at a time, and are cast to float on the query's device.
+        bank: ``[N, h, w, D]`` memory patch features of the same layer, any float dtype (or int8 values
+            whose per-vector scales were left out: cosine ignores them) and device; or an object whose
+            ``bank[index]`` (or a callable whose ``bank(index)``) takes an int64 CPU index tensor and
+            returns those rows ``[n, h, w, D]``. Only rows named in ``neighbors`` are read, at most
+            ``query_chunk × neighbor_chunk`` at a time unless the bank is a tensor on the query's device,
+            and are cast to float on the query's device.
         neighbors: ``[B, K]`` bank indices per query (from :func:`global_topk`).
         rho: L∞ window radius (RAD: 1 MVTec / 3D-ADAM, 2 VisA, 0 Real-IAD).
         neighbor_chunk: neighbour images per query processed at once.
         query_chunk: queries processed at once.
-        tile: reference tile side (see the module docstring); 1 was fastest on CPU at the paper's shapes.
+        tile: reference tile side of the torch path (see the module docstring); 1 was fastest on CPU at
+            the paper's shapes.
+        backend: ``"auto"`` uses the Triton kernel where it applies (below) and the torch path elsewhere;
+            ``"torch"`` or ``"triton"`` force one.
 
-    Peak working memory, with ``n = query_chunk × neighbor_chunk`` gathered neighbour grids and ``s``
-    bytes per stored value: ``n × h·w × D × (s + 4)`` bytes for the rows in tile order and their float32
-    cast (``n × h·w × D × 4`` for a float32 bank), plus ``n × h·w × D × s`` for the rows a loader
-    returns, plus ``n × h·w × (tile + 2ρ)² × 4`` bytes of similarities. It grows with neither N nor K.
-    At the paper's shape (28×28, D 768, fp16 bank) the default chunks need about 90 MB.
+    The Triton kernel (:mod:`anomret.retrieval.spatial_triton`) scores the call when the query is a CUDA
+    tensor of a GPU of compute capability 8.0 or newer, not float64, and triton is installed. A bank
+    tensor on the query's device (fp16, int8, bf16 or fp32; another dtype goes to the torch path) is read
+    in place through ``neighbors``, all queries and neighbours in one launch, whatever its strides; a
+    compact tensor of a batch's unique rows with remapped ``neighbors`` is read the same way. Any other
+    bank is read ``query_chunk × neighbor_chunk`` rows at a time and moved to the device. Products are as
+    exact as fp32's and sums are fp32 (see the kernel module). Should the first launch in a process fail
+    (a broken triton install), a warning says why and the torch path is used from then on.
+
+    Peak working memory of the torch path, with ``n = query_chunk × neighbor_chunk`` gathered neighbour
+    grids and ``s`` bytes per stored value: ``n × h·w × D × (s + 4)`` bytes for the rows in tile order and
+    their float32 cast (``n × h·w × D × 4`` for a float32 bank), plus ``n × h·w × D × s`` for the rows a
+    loader returns, plus ``n × h·w × (tile + 2ρ)² × 4`` bytes of similarities. It grows with neither N nor
+    K. At the paper's shape (28×28, D 768, fp16 bank) the default chunks need about 90 MB. The kernel
+    needs ``B × h·w × D × 8`` bytes for the normalised queries and their fp16 halves, plus the moved rows
+    of a bank that is not on the device.
 
     Returns:
         ``[B, h, w]`` scores in float32 (float64 for a float64 query), in ``[0, 2]``.
@@ -250,29 +321,92 @@ def spatial_knn_scores(
         raise ValueError(f"rho must be a non-negative integer, got {rho!r}")
     if neighbor_chunk < 1 or query_chunk < 1:
         raise ValueError(f"chunk sizes must be at least 1, got {neighbor_chunk=} {query_chunk=}")
+    if tile < 1:
+        raise ValueError(f"tile must be at least 1, got {tile}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     n_bank = _bank_len(bank)
-    if n_bank is not None and neighbors.numel() and (neighbors.min() < 0 or neighbors.max() >= n_bank):
+    # One check, so a device index tensor costs a single host synchronisation.
+    if n_bank is not None and not bool(((neighbors >= 0) & (neighbors < n_bank)).all()):
         raise ValueError(
             f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank} images, got "
             f"[{int(neighbors.min())}, {int(neighbors.max())}]"
         )
-
-    batch, h, w, dim = query.shape
+    h, w, dim = query.shape[1:]
+    if isinstance(bank, Tensor) and tuple(bank.shape[1:]) != (h, w, dim):
+        raise ValueError(_shape_mismatch(tuple(bank.shape[1:]), (h, w, dim)))
     rho = min(rho, max(h, w) - 1)  # a window wider than the grid is the whole grid
-    if tile < 1:
-        raise ValueError(f"tile must be at least 1, got {tile}")
+
+    kernels = _kernel_applies(query, bank, backend)
+    if kernels is None:
+        return _torch_scores(query, bank, neighbors, rho, neighbor_chunk, query_chunk, tile)
+    if backend == "triton" or _KernelHealth.succeeded:
+        return _kernel_scores(kernels, query, bank, neighbors, rho, neighbor_chunk, query_chunk)
+    try:
+        scores = _kernel_scores(kernels, query, bank, neighbors, rho, neighbor_chunk, query_chunk)
+    except ValueError:
+        raise
+    except Exception as error:
+        _KernelHealth.failure = error
+        warnings.warn(
+            f"the Triton kernel of spatial_knn_scores failed ({type(error).__name__}: {error}); scoring "
+            "with the torch path from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _torch_scores(query, bank, neighbors, rho, neighbor_chunk, query_chunk, tile)
+    _KernelHealth.succeeded = True
+    return scores
+
+
+def _kernel_scores(
+    kernels: ModuleType,
+    query: Tensor,
+    bank: PatchBank,
+    neighbors: Tensor,
+    rho: int,
+    neighbor_chunk: int,
+    query_chunk: int,
+) -> Tensor:
+    batch, h, w, dim = query.shape
+    device = query.device
+    window = kernels.WindowMax(F.normalize(query.float(), dim=-1, eps=_EPS), rho)
+    if isinstance(bank, Tensor) and bank.device == device and bank.dtype in kernels.BANK_DTYPES:
+        window.fold(bank, neighbors.to(device, torch.int64))
+        return window.scores()
+    neighbors_cpu = neighbors.to("cpu", torch.int64)
+    for q0 in range(0, batch, query_chunk):
+        for k0 in range(0, neighbors.shape[1], neighbor_chunk):
+            index = neighbors_cpu[q0 : q0 + query_chunk, k0 : k0 + neighbor_chunk]
+            rows = _fetch(bank, index.reshape(-1))
+            if tuple(rows.shape) != (index.numel(), h, w, dim):
+                raise ValueError(_shape_mismatch(tuple(rows.shape[1:]), (h, w, dim)))
+            local = torch.arange(index.numel(), device=device).view(index.shape)
+            window.fold(rows.to(device), local, first=q0)
+    return window.scores()
+
+
+def _torch_scores(
+    query: Tensor,
+    bank: PatchBank,
+    neighbors: Tensor,
+    rho: int,
+    neighbor_chunk: int,
+    query_chunk: int,
+    tile: int,
+) -> Tensor:
+    batch, h, w, dim = query.shape
     dtype, device = _compute_dtype(query), query.device
     tiling = _tiling(h, w, rho, tile, device)
     n_tiles, ref_per_tile = tiling.ref_index.shape
     span = tiling.query_index.shape[1]
     invalid = ~tiling.valid  # [T, S, t²]
     scatter_index = tiling.query_index.reshape(-1)
-    neighbors_cpu = neighbors.to("cpu", torch.int64)
 
     # A contiguous tensor bank is gathered straight into tile order; a loader's rows are fetched first.
     direct = isinstance(bank, Tensor) and bank.is_contiguous()
-    if isinstance(bank, Tensor) and tuple(bank.shape[1:]) != (h, w, dim):
-        raise ValueError(_shape_mismatch(tuple(bank.shape[1:]), (h, w, dim)))
+    # Indices live where they are used, so no chunk waits on a host-to-device copy.
+    neighbors_at = neighbors.to(bank.device if isinstance(bank, Tensor) and direct else "cpu", torch.int64)
     # Work buffers are allocated once and reused across chunks: on CPU a fresh allocation of this size
     # costs more in page faults than the copy that fills it.
     max_ref = min(query_chunk, batch) * min(neighbor_chunk, neighbors.shape[1]) * n_tiles * ref_per_tile
@@ -285,6 +419,8 @@ def spatial_knn_scores(
 
     sim_buffer = torch.empty(max_ref * span, dtype=dtype, device=device)
     positions = tiling.ref_index.reshape(1, -1, 1)
+    if isinstance(bank, Tensor) and direct:
+        positions = positions.to(bank.device)
 
     out = torch.empty(batch, h * w, dtype=dtype, device=device)
     with exact_matmul():
@@ -294,11 +430,11 @@ def spatial_knn_scores(
             q_tiles = q[:, tiling.query_index].reshape(n_q * n_tiles, span, dim)
             best = torch.full((n_q, h * w), -math.inf, dtype=dtype, device=device)
             for k0 in range(0, neighbors.shape[1], neighbor_chunk):
-                index = neighbors_cpu[q0 : q0 + n_q, k0 : k0 + neighbor_chunk]
+                index = neighbors_at[q0 : q0 + n_q, k0 : k0 + neighbor_chunk]
                 n_k, n_rows = index.shape[1], index.numel()
                 if direct:
                     assert isinstance(bank, Tensor)
-                    source, first_row = bank.view(-1, dim), index.to(bank.device)
+                    source, first_row = bank.view(-1, dim), index
                 else:
                     rows = _fetch(bank, index.reshape(-1))
                     if tuple(rows.shape) != (n_rows, h, w, dim):
@@ -306,7 +442,7 @@ def spatial_knn_scores(
                     source = rows.to(device).reshape(-1, dim)
                     first_row = torch.arange(n_rows, device=device).view(n_q, n_k)
                 # Rows [q, K, h·w] -> tiles [q, T, t², K]: each tile's patches of every neighbour together.
-                flat = (first_row.view(n_q, 1, n_k) * (h * w) + positions.to(source.device)).reshape(-1)
+                flat = (first_row.view(n_q, 1, n_k) * (h * w) + positions).reshape(-1)
                 if source.device == device:
                     gathered = torch.index_select(source, 0, flat, out=buffer(source.dtype, flat.shape[0]))
                 else:
