@@ -26,8 +26,8 @@ test: $(STAMP) ## The whole test suite
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is missing or deselected" >&2; fi; \
 	exit $$status
 
-test-fast: $(STAMP) ## Unit tests only (skips end-to-end runs of the entry points)
-	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+test-fast: $(STAMP) ## The fast tier: pure functions and components (no entry-point runs, no processes)
+	$(OFFLINE) $(BIN)/python -m pytest -m "not integration"
 
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check src tests experiments

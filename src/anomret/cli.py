@@ -191,3 +191,39 @@ def user_errors(hydra: bool = True) -> Iterator[None]:
         if set_here:
             os.environ.pop("HYDRA_FULL_ERROR", None)
             os.environ.pop(_PASSED_ON, None)
+
+
+def answer_help(doc: str | None, command: str) -> None:
+    """``-h``/``--help``: what the command does, its config groups and their options, how to see more;
+    printed from the config folder's listing (Hydra's own help composes every group, seconds of work)."""
+    if not any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        return
+    from anomret.config import config_dir
+
+    root = config_dir()
+    groups = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("hydra",))
+    lines = [
+        f"usage: python -m anomret.{command} [-m] [+experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [-v]",
+        "",
+        (doc or "").strip(),
+        "",
+        "config groups (GROUP=OPTION; +experiment=NAME picks a whole recipe):",
+    ]
+    for group in groups:
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        if options:
+            prefix = "+" if group in ("experiment", "variant", "hparams_search") else ""
+            lines.append(f"  {prefix}{group}: {', '.join(options)}")
+    lines += [
+        "",
+        "options:",
+        "  -m, --multirun      a sweep: one job per combination of comma-separated values",
+        "  -v, --verbose       everything the libraries print, and anomret's debug lines",
+        "  --cfg job           print the composed config and exit (add --resolve to resolve it)",
+        "  --info              Hydra's view of the config search path and defaults",
+        "  --hydra-help        Hydra's own options (launchers, sweepers, output directories)",
+        "",
+        f"configs: {root}   docs: README.md",
+    ]
+    print("\n".join(lines))
+    raise SystemExit(0)

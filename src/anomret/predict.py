@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from anomret.cli import user_errors
+from anomret.cli import answer_help, user_errors
 from anomret.config import config_dir
 
 
@@ -23,6 +23,7 @@ def predict_images(cfg: DictConfig) -> None:
 
 def main() -> None:
     with user_errors():
+        answer_help(__doc__, "predict")
         predict_images()
 
 

@@ -10,7 +10,7 @@ import math
 import hydra
 from omegaconf import DictConfig
 
-from anomret.cli import user_errors
+from anomret.cli import answer_help, user_errors
 from anomret.config import config_dir
 
 
@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> float:
 
 def main() -> None:
     with user_errors():
+        answer_help(__doc__, "train")
         train()
 
 

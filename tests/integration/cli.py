@@ -4,6 +4,7 @@ working directory, with only the documented environment (offline hub and W&B, th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,17 @@ def run_cli(
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+# What a normal run must not print: the libraries' hints, warnings and deprecations, Lightning's own
+# copies of log lines, Hydra's line before an error, and warnings of anomret's beyond the random-weights one.
+_NOISE = re.compile(
+    r"Warning: |[Dd]eprecat|💡|Tip:|Error executing job|`weights_only`|\]\[root\]\[|anonymous setting"
+    r"|^INFO: |^WARNING: |\]\[WARNING\]"
+)
+_EXPECTED = re.compile(r"\]\[anomret\.encoders\.weights\]\[WARNING\] - encoder \w+ uses RANDOM weights")
+
+
+def unexpected_lines(output: str) -> list[str]:
+    """The lines of a command's output that a user should not have to read past (see ``_NOISE``)."""
+    return [line for line in output.splitlines() if _NOISE.search(line) and not _EXPECTED.search(line)]

@@ -27,7 +27,7 @@ from anomret.models.mrad_ft import MRADFT
 from anomret.models.official_checkpoint import official_state_dicts
 from anomret.pipeline import run
 
-from .cli import run_cli
+from .cli import run_cli, unexpected_lines
 
 
 def _compose(root: Path, data_dir: Path, overrides: list[str], config_name: str = "config") -> DictConfig:
@@ -309,7 +309,7 @@ def test_clip_only_model_and_maskless_auxiliary_data_fail_before_any_compute(dat
 
 
 def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
-    from anomret.analysis.similarity import similarity_analysis
+    from anomret.analysis.statistics import similarity_analysis
 
     root, runs = trained
     out = root / "similarity"
@@ -325,7 +325,7 @@ def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
         assert 0 < overall.anomalous_count < overall.normal_count <= 42 * 16 * 16
     assert report.overall("TF").values() != report.overall("FT").values()
     assert {p.name for p in out.iterdir()} >= {"similarity.csv", "similarity.md", "similarity.png"}
-    with pytest.raises(ValueError, match="need its trained heads: pass ckpt_path="):
+    with pytest.raises(ConfigError, match=r"needs its trained parts \(ckpt_path=\)"):
         similarity_analysis(
             _compose(
                 root,
@@ -334,6 +334,15 @@ def test_similarity_analysis_of_a_trained_checkpoint(trained, data_dir):
                 "eval",
             )
         )
+    # As a user types it: the same table, and nothing but the run's own lines on the way.
+    typed = run_cli(
+        ["-m", "anomret.analysis.similarity", "+experiment=demo_mrad_ft", f"ckpt_path={ckpt}"],
+        root,
+        data_dir=data_dir,
+    )
+    assert not unexpected_lines(typed.stdout + typed.stderr), unexpected_lines(typed.stdout + typed.stderr)
+    (written,) = (root / "logs" / "demo_mrad_ft").glob("*/*/similarity.csv")
+    assert written.read_text() == (out / "similarity.csv").read_text()
 
 
 def test_same_command_same_numbers_whether_the_bank_was_built_or_read_from_the_cache(

@@ -29,6 +29,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from anomret.config import config_dir
 
+from .cli import unexpected_lines
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 # Applied to every command that runs, in this order: (README text, replacement, why).
@@ -293,6 +295,7 @@ def test_readme_commands_run_from_a_fresh_directory(tmp_path):
             f"{command}\n(ran: {resolved})\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
         )
         ran[command] = result.stdout + result.stderr
+        assert not unexpected_lines(ran[command]), (command, unexpected_lines(ran[command]))
 
     assert set(ran) == set(RUN)
     assert (data / "mvtec_anomaly_detection" / "meta.json").is_file() and (

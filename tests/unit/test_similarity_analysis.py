@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from anomret.analysis.similarity import SimilarityReport, SimilarityStatistics
+from anomret.analysis.statistics import SimilarityReport, SimilarityStatistics
 
 
 def test_statistics_hand_worked_case():
