@@ -37,7 +37,9 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests experiments
 	$(BIN)/ruff format src tests experiments
 
-bench: $(STAMP) ## CPU benchmarks (metrics, retrieval, encoders); figures go to experiments/benchmarks/
+bench: $(STAMP) ## CPU benchmarks (metrics, retrieval, encoders, start-up, demos); figures go to experiments/benchmarks/
+	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_startup.py
+	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_demos.py
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_metrics.py
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_retrieval.py
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_encoders.py

@@ -52,7 +52,8 @@ RUN: dict[str, list[tuple[str, str]]] = {
     "python -m anomret.prepare mvtec data/mvtec_anomaly_detection": [],
     "python -m anomret.prepare --list": [],
     "python -m anomret.prepare folder data/mine": [],
-    "python -m anomret.train +experiment=mrad_tf_mvtec dataset=folder dataset.root=data/mine": [],
+    "python -m anomret.train +experiment=demo dataset=folder dataset.root=data/mine dataset.require_masks=false": [],
+    "python -m anomret.train +experiment=demo_rad dataset=folder dataset.root=data/mine dataset.require_masks=false": [],
     "python -m anomret.train +experiment=mrad_tf_mvtec": [],
     "python -m anomret.eval +experiment=mrad_tf_mvtec dataset=mpdd memory.path=.cache/banks/<bank>.safetensors": [],
     "python -m anomret.predict +experiment=mrad_tf_mvtec memory.path=.cache/banks/<bank>.safetensors input=/images/line3": [],
@@ -73,6 +74,9 @@ _SAME_SWEEP = "the same form as the sweep that runs (train -m over model values)
 SKIPPED: dict[str, str] = {
     "make demo": "python -m anomret.train +experiment=demo inside the .venv it builds; the demo form runs",
     "make test": "runs this test suite",
+    "python -m anomret.train +experiment=mrad_tf_mvtec dataset=folder dataset.root=data/mine": (
+        "real CLIP weights; the same run with the demo's encoder runs (the CPU form of the recipe)"
+    ),
     "python -m anomret.train +experiment=mrad_tf_visa": "the same command as mrad_tf_mvtec once substituted",
     "python -m anomret.train -m +experiment=mrad_tf_mvtec memory.max_patch_entries=100,500,1000 memory.seed=0,1,2": _SAME_SWEEP,
     "python -m anomret.train -m +experiment=mrad_tf_mvtec aux_dataset=visa,mvtec encoder.vv_blocks=[2,24],[6,24]": _SAME_SWEEP,
