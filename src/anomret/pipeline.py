@@ -1,8 +1,9 @@
 """Runs shared by the entry points: get or build the memory, attach it, fit if the method trains, test.
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
-``results.json``, ``results.csv`` (per category and mean), ``artifacts.json`` (bank, checkpoint and
-feature store used), ``overlays/``, ``checkpoints/`` (methods that train) and the logger files.
+``results.json``, ``results.csv`` (per category and mean), ``image_scores.csv`` (per test image),
+``artifacts.json`` (bank, checkpoint and feature store used), ``overlays/``, the report page
+``report.html``, ``checkpoints/`` (methods that train) and the logger files.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from anomret.memory.store import BankError, check_bank, read_bank_metadata
 from anomret.metrics.report import EvaluationResult
 from anomret.models.base import RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
+from anomret.reporting.page import log_page_artifact, write_run_page
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +367,10 @@ def _run(cfg: DictConfig, *, fit: bool) -> EvaluationResult:
                 "features": None if store is None else str(Path(store.directory).resolve()),
             }
             write_outputs(result, output_dir, loggers, artifacts)
-            console = Console(
-                width=max(Console().width, 120)
-            )  # log files are not terminals: keep columns whole
-            console.print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"))
-            log.info("results written to %s", output_dir)
+            console = Console()  # a pipe or log gets 80 columns (COLUMNS), which the table fits
+            title = f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"
+            console.print(result.rich_table(title=title, width=console.width))
+            log.info("results written to %s (report page: report.html)", output_dir)
             if fit:
                 log.info(
                     "memory bank: %s (evaluate it again with python -m anomret.eval ... memory.path=%s)",
@@ -418,7 +419,13 @@ def write_outputs(
 ) -> None:
     result.write_json(output_dir / "results.json")
     result.write_csv(output_dir / "results.csv")
+    result.write_image_scores(output_dir / "image_scores.csv")
     write_text_atomic(output_dir / "artifacts.json", json.dumps(artifacts, indent=2))
+    try:
+        page = write_run_page(output_dir)
+    except Exception:  # the results are written: a page that fails must not fail the run
+        log.exception("the report page could not be written; python -m anomret.report %s retries", output_dir)
+        page = None
     columns = ["category", *result.metrics, "n_images", "n_anomalous"]
     rows = [
         [category, *[values.get(m) for m in result.metrics], *result.counts[category].values()]
@@ -430,6 +437,8 @@ def write_outputs(
             logger.log_table(key="results/per_category", columns=columns, data=rows)
             for metric, value in result.mean.items():
                 logger.experiment.summary[f"mean/{metric}"] = value
+            if page is not None:
+                log_page_artifact(logger.experiment, page)
 
 
 def predict(cfg: DictConfig) -> Path:

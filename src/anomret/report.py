@@ -1,4 +1,4 @@
-"""``python -m anomret.report DIR [DIR ...]``: one table (CSV, markdown, rich) and plots for a sweep's jobs.
+"""``python -m anomret.report DIR [DIR ...]``: one table (CSV, markdown, rich), plots and a report page.
 
 A DIR is a multirun directory (``<job number>/results.json`` beside ``multirun.yaml``), one run directory, or
 any folder above them: every ``results.json`` below it is a job, and every ``.hydra/overrides.yaml`` without
@@ -6,6 +6,10 @@ one is a job that failed or has not finished (listed as missing, never dropped s
 the overrides whose values differ across jobs, the method and dataset recorded in ``results.json``, and the
 seven metrics as the mean over categories (per category with ``--per-category``). ``--paper`` lays a
 cross-dataset sweep out as MRAD's Table 1.
+
+It also writes ``report.html`` (:mod:`anomret.reporting.page`): the run page for one run directory, else
+the sweep page, plus the run page of every job below the output directory. Nothing on this path imports
+torch; matplotlib is imported when the first plot is drawn.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from anomret.cli import user_errors
-from anomret.metrics.evaluator import METRIC_KEYS
-from anomret.metrics.report import METRIC_LABELS, EvaluationResult, _write_atomic
+from anomret.reporting.console import Column, Row, fitted_table
+from anomret.reporting.results import METRIC_KEYS, METRIC_LABELS, EvaluationResult, _write_atomic
 
 __all__ = [
     "PAPER_DATASETS",
@@ -41,11 +45,16 @@ __all__ = [
     "find_jobs",
     "main",
     "paper_table",
+    "print_report",
+    "report_command",
+    "write_report",
 ]
 
 RESULTS = "results.json"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 _TRAIN_HINT = "python -m anomret.train +experiment=NAME (add -m and comma lists for a sweep)"
+# Metric values closer than this are the same value (sums of the same numbers in another order).
+_SAME = 1e-9
 
 
 class ReportError(Exception):
@@ -203,12 +212,13 @@ class SweepReport:
             if per_category:
                 for category, values in job.result.per_category.items():
                     rows.append({**head, "category": category, **{m: values.get(m) for m in self.metrics}})
-                rows.append({**head, "category": "mean", **self._mean(job)})
+                rows.append({**head, "category": "mean", **self.job_mean(job)})
             else:
-                rows.append({**head, **self._mean(job)})
+                rows.append({**head, **self.job_mean(job)})
         return rows
 
-    def _mean(self, job: Job) -> dict[str, float]:
+    def job_mean(self, job: Job) -> dict[str, float]:
+        """The job's metrics, mean over its categories (NaN where undefined)."""
         assert job.result is not None
         mean = job.result.mean
         return {m: mean.get(m, math.nan) for m in self.metrics}
@@ -261,34 +271,58 @@ class SweepReport:
             lines.append(f"- {job.name}: {described}")
         return lines
 
-    def rich_table(self, per_category: bool = False, title: str | None = None) -> Table:
+    def rich_table(
+        self, per_category: bool = False, title: str | None = None, width: int | None = None
+    ) -> Table:
+        """The table in percent; ``width``: the console's width, which the table is made to fit (swept keys
+        shortened to their last part, constant columns moved to the caption, names cut with "…")."""
         header = self._header(per_category)
-        table = Table(title=title, caption=f"{len(self.missing)} job(s) missing" if self.missing else None)
+        short = _short_keys(self.swept)
+        columns = []
         for key in header:
-            right = key in self.metrics
-            table.add_column(
-                METRIC_LABELS.get(key, key), justify="right" if right else "left", overflow="fold"
-            )
+            if key in self.metrics:
+                columns.append(Column(METRIC_LABELS.get(key, key), numeric=True))
+            else:
+                columns.append(
+                    Column(
+                        key,
+                        short=short.get(key),
+                        shrinkable=key in ("job", "dataset", "category") or key in self.swept,
+                        movable=key in ("method", "dataset"),
+                    )
+                )
+        rows: list[Row] = []
         previous = None
         for row in self.rows(per_category):
-            if per_category and previous is not None and row["job"] != previous:
-                table.add_section()
+            rule = per_category and previous is not None and row["job"] != previous
             previous = row["job"]
             style = "bold" if per_category and row.get("category") == "mean" else None
-            table.add_row(
-                *(_percent(row[k]) if k in self.metrics else str(row[k]) for k in header), style=style
-            )
+            cells = [_percent(row[k]) if k in self.metrics else str(row[k]) for k in header]
+            rows.append(Row(cells, style=style, rule_above=rule))
         for job in self.missing:
-            table.add_row(
+            cells = [
                 job.name,
                 *(job.overrides.get(k, "") for k in self.swept),
                 "missing",
                 "",
                 *([""] if per_category else []),
                 *("" for _ in self.metrics),
-                style="red",
-            )
-        return table
+            ]
+            rows.append(Row(cells, style="red"))
+        notes = [f"{len(self.missing)} job(s) missing"] if self.missing else []
+        capped = self.capped_k()
+        if capped:
+            notes.append("K capped at the memory size: " + ", ".join(f"job {n}: K = {k}" for n, k in capped))
+        return fitted_table(columns, rows, width=width, title=title, caption="\n".join(notes) or None)
+
+    def capped_k(self) -> list[tuple[str, int]]:
+        """``(job, K used)`` of the jobs whose retrieval K was capped below ``retrieval.k`` (few-shot)."""
+        capped = []
+        for job in self.jobs:
+            retrieval = (job.result.settings if job.result else {}).get("retrieval")
+            if isinstance(retrieval, dict) and retrieval.get("k_used") not in (None, retrieval.get("k")):
+                capped.append((job.name, int(retrieval["k_used"])))
+        return capped
 
     # ----------------------------------------------------------------------------------------- plots
     def _is_numeric(self, key: str) -> bool:
@@ -310,53 +344,78 @@ class SweepReport:
             value = job.overrides.get(key, "")
             x = _number(value) if numeric else categories.index(value)
             label = ", ".join(f"{k}={job.overrides.get(k, '')}" for k in others)
-            lines.setdefault(label, []).append((float(x), self._mean(job)[metric]))
+            lines.setdefault(label, []).append((float(x), self.job_mean(job)[metric]))
         return {label: sorted(points) for label, points in lines.items()}
 
-    def plot(self, out_dir: str | Path) -> list[Path]:
-        """One PNG per metric and swept key: the metric (mean, %) against the key's values.
+    def changes(self, key: str, metric: str) -> bool:
+        """Whether ``metric`` takes more than one value along ``key`` on some line of its plot (the
+        other swept keys fixed). A pixel metric of a setting that only moves image scores does not."""
+        for points in self.series(key, metric).values():
+            values = [y for _, y in points if not _is_nan(y)]
+            if values and max(values) - min(values) > _SAME:
+                return True
+        return False
 
-        Numeric values go on a numeric axis, others on a categorical one; each combination of the other
-        swept keys is one line (one line per value of the other key in a two-key sweep).
+    def changing_metrics(self, key: str) -> list[str]:
+        """The metrics that :meth:`changes` with ``key``, in column order."""
+        return [metric for metric in self.metrics if self.changes(key, metric)]
+
+    def plot(self, out_dir: str | Path) -> dict[str, Path]:
+        """Swept key -> ``<out_dir>/metrics_vs_<key>.png``: small multiples, one panel per metric that
+        :meth:`changes` with the key (mean over categories, %), against the key's values.
+
+        Numeric values go on a numeric axis, others on a categorical one. Each combination of the other
+        swept keys is one line, the same in every panel; lines differ in colour, marker and dashes, and
+        markers shrink from line to line so coinciding lines stay visible. The legend sits below the
+        panels, never over them. A key that changes no metric gets no plot.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from anomret.reporting.figures import line_style, new_figure, save_figure
 
         out_dir = Path(out_dir)
-        written: list[Path] = []
+        written: dict[str, Path] = {}
         for key in self.swept:
-            for metric in self.metrics:
+            metrics = self.changing_metrics(key)
+            if not metrics:
+                continue
+            columns = min(len(metrics), 4)
+            rows = math.ceil(len(metrics) / columns)
+            figure = new_figure(3.3 * columns, 2.6 * rows + 0.9)
+            panels = figure.subplots(rows, columns, squeeze=False).ravel()
+            for axes, metric in zip(panels, metrics, strict=False):
                 lines = self.series(key, metric)
-                if all(_is_nan(y) for points in lines.values() for _, y in points):
-                    continue  # undefined for every job, e.g. pixel metrics of an image-only dataset
-                figure, axes = plt.subplots(figsize=(6, 4))
-                for label, points in lines.items():
+                for number, (label, points) in enumerate(lines.items()):
                     axes.plot(
-                        [x for x, _ in points], [100 * y for _, y in points], marker="o", label=label or None
+                        [x for x, _ in points],
+                        [100 * y for _, y in points],
+                        label=label or key,
+                        **line_style(number, len(lines)),
                     )
                 if not self._is_numeric(key):
                     categories = self._categories(key)
                     axes.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
-                axes.set_xlabel(key)
-                axes.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%, mean over categories)")
+                elif len(self._categories(key)) <= 12:  # ticks at the swept values, not between them
+                    axes.set_xticks(sorted({x for points in lines.values() for x, _ in points}))
+                axes.set_title(METRIC_LABELS.get(metric, metric), fontsize="medium")
+                axes.set_xlabel(key, fontsize="small")
+                axes.set_ylabel("% (mean)", fontsize="small")
                 axes.grid(alpha=0.3)
-                if len(lines) > 1:
-                    axes.legend(fontsize="small")
-                figure.tight_layout()
-                path = out_dir / f"{metric}_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp.png")
-                figure.savefig(tmp, dpi=100)
-                os.replace(tmp, path)
-                plt.close(figure)
-                written.append(path)
+            for axes in panels[len(metrics) :]:
+                axes.set_visible(False)
+            handles, labels = panels[0].get_legend_handles_labels()
+            if len(handles) > 1:
+                figure.legend(
+                    handles, labels, loc="outside lower center", ncol=min(len(handles), 4), frameon=False
+                )
+            path = out_dir / f"metrics_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
+            written[key] = save_figure(figure, path, dpi=90)
         return written
 
     # ---------------------------------------------------------------------------------------- write
     def write(self, out_dir: str | Path, per_category: bool = False, plots: bool = True) -> list[Path]:
-        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png``; atomic writes."""
+        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png`` and ``report.html``
+        (the sweep page, and the run page of each job below ``out_dir``); atomic writes."""
+        from anomret.reporting.page import write_run_page, write_sweep_page
+
         out_dir = Path(out_dir)
         written = [
             _write_atomic(out_dir / "report.csv", lambda h: h.write(self.csv_text())),
@@ -367,9 +426,24 @@ class SweepReport:
                 _write_atomic(out_dir / "report_per_category.csv", lambda h: h.write(self.csv_text(True))),
                 _write_atomic(out_dir / "report_per_category.md", lambda h: h.write(self.markdown(True))),
             ]
-        if plots:
-            written += self.plot(out_dir / "plots")
+        drawn = self.plot(out_dir / "plots") if plots else {}
+        written += list(drawn.values())
+        if self.is_single_run(out_dir):
+            written.append(write_run_page(self.jobs[0].path, out_dir))
+            return written
+        for job in self.jobs:
+            if job.path.resolve().is_relative_to(out_dir.resolve()):
+                written.append(write_run_page(job.path))
+        written.append(write_sweep_page(self, out_dir, drawn))
         return written
+
+    def is_single_run(self, out_dir: str | Path) -> bool:
+        """One finished job and nothing else, reported in its own directory: a run, not a sweep."""
+        return (
+            len(self.jobs) == 1
+            and not self.missing
+            and self.jobs[0].path.resolve() == Path(out_dir).resolve()
+        )
 
 
 def collect(dirs: Sequence[str | Path], allow_mixed: bool = False) -> SweepReport:
@@ -534,14 +608,14 @@ def paper_table(report: SweepReport) -> PaperTable:
         job = by_dataset.get(spec.name)
         if job is None:
             continue
-        values = report._mean(job)
+        values = report.job_mean(job)
         rows.append(PaperRow(spec.label, spec.group, {m: values[m] for m in PAPER_METRICS}, job.name))
         for metric in PAPER_METRICS:
             in_table = spec.image if metric in _IMAGE_METRICS else spec.pixel
             if in_table and not _is_nan(values[metric]):
                 counted[metric].append(values[metric])
     for name in sorted(set(by_dataset) - set(known), key=_natural_key):
-        values = report._mean(by_dataset[name])
+        values = report.job_mean(by_dataset[name])
         rows.append(
             PaperRow(
                 name, "Other (not in the paper)", {m: values[m] for m in PAPER_METRICS}, by_dataset[name].name
@@ -563,6 +637,64 @@ def _default_out(dirs: Sequence[str | Path]) -> Path:
     return paths[0] if len(paths) == 1 else _common_parent(paths)
 
 
+def report_command(directory: str | Path) -> str:
+    """The command that reports ``directory`` again, as a user would type it."""
+    import shlex
+
+    return f"python -m anomret.report {shlex.quote(str(directory))}"
+
+
+def write_report(
+    dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    per_category: bool = False,
+    plots: bool = True,
+    allow_mixed: bool = False,
+    paper: bool = False,
+) -> tuple[SweepReport, PaperTable | None, Path, list[Path]]:
+    """Collect the jobs below ``dirs`` and write every report file into ``out`` (default: DIR, or the
+    common parent of several); returns the report, the paper table (``paper``), ``out`` and the files.
+
+    Raises:
+        ReportError: see :func:`collect` and :func:`paper_table`.
+    """
+    report = collect(dirs, allow_mixed=allow_mixed)
+    out_dir = Path(out).expanduser() if out else _default_out(dirs)
+    written = report.write(out_dir, per_category=per_category, plots=plots)
+    table = paper_table(report) if paper else None
+    if table is not None:
+        written += table.write(out_dir)
+    return report, table, out_dir, written
+
+
+def print_report(
+    console: Console,
+    report: SweepReport,
+    table: PaperTable | None = None,
+    per_category: bool = False,
+    out_dir: str | Path | None = None,
+) -> None:
+    """The report's tables, fitted to the console's width, and the jobs that have no results; a single run
+    reported in its own directory (``out_dir``) gets its per-category table."""
+    if out_dir is not None and report.is_single_run(out_dir):
+        job = report.jobs[0]
+        assert job.result is not None
+        title = f"{job.path.name}: {job.dataset} ({job.method})"
+        console.print(job.result.rich_table(title=title, width=console.width))
+    else:
+        console.print(
+            report.rich_table(per_category, title=f"{len(report.jobs)} job(s)", width=console.width)
+        )
+    if table is not None:
+        console.print(table.rich_table())
+    if report.missing:
+        console.print(
+            f"[red]{len(report.missing)} job(s) have no {RESULTS} (failed or not finished):[/red] "
+            + ", ".join(job.name for job in report.missing)
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     with user_errors(hydra=False):
@@ -572,37 +704,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m anomret.report",
-        description="Gather the results.json of a sweep's jobs (or of several runs) into one table and plots.",
+        description="Gather the results.json of a sweep's jobs (or of several runs) into one table, plots "
+        "and a report page (report.html).",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun directory, or run directories")
-    parser.add_argument("--out", help="where to write report.csv, report.md and plots/ (default: DIR)")
+    parser.add_argument(
+        "--out", help="where to write report.csv, report.md, plots/ and report.html (default: DIR)"
+    )
     parser.add_argument("--per-category", action="store_true", help="also one row per job and category")
     parser.add_argument("--paper", action="store_true", help="MRAD Table 1 layout of a sweep over dataset=")
     parser.add_argument("--allow-mixed", action="store_true", help="allow jobs of different methods")
-    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--no-plots", action="store_true", help="leave out the sweep plots (plots/*.png)")
     args = parser.parse_args(argv)
 
     try:
-        report = collect(args.dirs, allow_mixed=args.allow_mixed)
-        out = Path(args.out).expanduser() if args.out else _default_out(args.dirs)
-        written = report.write(out, per_category=args.per_category, plots=not args.no_plots)
-        table = paper_table(report) if args.paper else None
-        if table is not None:
-            written += table.write(out)
+        report, table, out, written = write_report(
+            args.dirs,
+            args.out,
+            per_category=args.per_category,
+            plots=not args.no_plots,
+            allow_mixed=args.allow_mixed,
+            paper=args.paper,
+        )
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    console = Console(width=max(Console().width, 120))
-    console.print(report.rich_table(args.per_category, title=f"{len(report.jobs)} job(s)"))
-    if table is not None:
-        console.print(table.rich_table())
-    if report.missing:
-        console.print(
-            f"[red]{len(report.missing)} job(s) have no {RESULTS} (failed or not finished):[/red] "
-            + ", ".join(job.name for job in report.missing)
-        )
-    console.print(f"wrote {len(written)} file(s) to {out}")
+    # Console() is as wide as the terminal, or 80 columns (COLUMNS) when piped: the tables fit it.
+    console = Console()
+    print_report(console, report, table, args.per_category, out)
+    # Paths are never broken across lines, even when they are wider than the console.
+    console.print(f"wrote {len(written)} file(s) to {out}", soft_wrap=True)
+    console.print(f"report page: {out / 'report.html'}", soft_wrap=True)
     return 0
+
+
+def _short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Each dotted key by its shortest tail that no other key shares (``retrieval.k`` -> ``k``)."""
+    short = {}
+    for key in keys:
+        parts = key.split(".")
+        for size in range(1, len(parts) + 1):
+            tail = ".".join(parts[-size:])
+            if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
+                short[key] = tail
+                break
+    return short
 
 
 if __name__ == "__main__":
