@@ -246,7 +246,12 @@ class OverlayWriter(Callback):
         """The overlay of one kept image at its own resolution."""
         image = read_image(item.image_path)
         height, width = image.shape[:2]
-        mask = read_mask(item.mask_path) if item.mask_path is not None else item.grid_mask
+        if item.mask_path is not None:
+            mask = read_mask(item.mask_path)
+        elif item.grid_mask is not None:
+            mask = item.grid_mask
+        else:  # a normal image, or a dataset without masks: nothing to outline
+            mask = np.zeros((height, width), bool)
         return overlay_panel(
             image,
             item.anomaly_map.astype(np.float32),

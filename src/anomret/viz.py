@@ -146,7 +146,8 @@ def overlay_panel(
     Args:
         image: uint8 ``[H, W, 3]`` at the resolution the panel is drawn at (the image's own).
         anomaly_map: ``[h, w]`` scores; upsampled (bilinear) to ``map_box``.
-        mask: ground truth, boolean ``[H, W]`` or on the map's ``[h, w]`` grid; ``None`` for none.
+        mask: ground truth, boolean ``[H, W]`` or on the map's ``[h, w]`` grid (all false for a normal
+            image); ``None`` where there is no ground truth to show (prediction).
         vmin, vmax: the colour range (a category's score range, so panels compare).
         map_box: the region of ``image`` the map covers (the encoder's crop); the whole image by default.
         pixel_threshold: outline the predicted mask (map ≥ threshold) and mark it on the colour bar.
@@ -190,9 +191,10 @@ def overlay_panel(
         parts += [gap, colorbar(height, vmin, vmax, threshold=pixel_threshold, font_size=font_size)]
     panel = np.concatenate(parts, axis=1)
     lines = caption.splitlines()
-    if ground_truth is not None or pixel_threshold is not None:
+    if mask is not None or pixel_threshold is not None:
+        # Named whenever a mask is given, even an empty one, so the panels of a category share one height.
         # ASCII only: the default font has no glyph for "≥".
-        legend = ["green/white: ground truth"] if ground_truth is not None else []
+        legend = ["green/white: ground truth"] if mask is not None else []
         if pixel_threshold is not None:
             legend.append(f"magenta: map >= {_format(pixel_threshold)}")
         lines.append(", ".join(legend))

@@ -74,6 +74,7 @@ def test_keeps_likeliest_false_positives_and_negatives_then_clear_detections(tmp
     # files numbered by score.
     assert scores == [0.95, 0.9, 0.5, 0.2]
     assert [row["label"] for row in rows] == ["1", "0", "0", "1"]
+    sizes = set()
     for row in rows:
         path = tmp_path / "run" / row["file"]
         assert path.is_file() and row["file"].startswith("overlays/a/")
@@ -81,6 +82,8 @@ def test_keeps_likeliest_false_positives_and_negatives_then_clear_detections(tmp
         with Image.open(path) as panel:
             # The image's own resolution: two 30x20 views side by side, a colour bar, a caption above.
             assert panel.size[0] > 2 * 30 and panel.size[1] > 20
+            sizes.add(panel.size)
+    assert len(sizes) == 1  # normal and anomalous panels alike: W&B shows a category's panels as one set
 
 
 def test_the_ground_truth_outline_comes_from_the_mask_file_at_full_resolution(tmp_path):
