@@ -360,19 +360,18 @@ class SweepReport:
         """The metrics that :meth:`changes` with ``key``, in column order."""
         return [metric for metric in self.metrics if self.changes(key, metric)]
 
-    def plot(self, out_dir: str | Path) -> dict[str, Path]:
-        """Swept key -> ``<out_dir>/metrics_vs_<key>.png``: small multiples, one panel per metric that
-        :meth:`changes` with the key (mean over categories, %), against the key's values.
+    def draw_plots(self) -> dict[str, bytes]:
+        """Swept key -> PNG: small multiples, one panel per metric that :meth:`changes` with the key (mean
+        over categories, %), against the key's values.
 
         Numeric values go on a numeric axis, others on a categorical one. Each combination of the other
         swept keys is one line, the same in every panel; lines differ in colour, marker and dashes, and
         markers shrink from line to line so coinciding lines stay visible. The legend sits below the
         panels, never over them. A key that changes no metric gets no plot.
         """
-        from anomret.reporting.figures import line_style, new_figure, save_figure
+        from anomret.reporting.figures import figure_png, line_style, new_figure
 
-        out_dir = Path(out_dir)
-        written: dict[str, Path] = {}
+        drawn: dict[str, bytes] = {}
         for key in self.swept:
             metrics = self.changing_metrics(key)
             if not metrics:
@@ -406,14 +405,23 @@ class SweepReport:
                 figure.legend(
                     handles, labels, loc="outside lower center", ncol=min(len(handles), 4), frameon=False
                 )
-            path = out_dir / f"metrics_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
-            written[key] = save_figure(figure, path, dpi=90)
+            drawn[key] = figure_png(figure, dpi=90)
+        return drawn
+
+    def plot(self, out_dir: str | Path, drawn: dict[str, bytes] | None = None) -> dict[str, Path]:
+        """Swept key -> ``<out_dir>/metrics_vs_<key>.png`` of :meth:`draw_plots` (or of ``drawn``)."""
+        written = {}
+        for key, png in (self.draw_plots() if drawn is None else drawn).items():
+            path = Path(out_dir) / f"metrics_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
+            written[key] = _write_atomic(path, lambda handle, png=png: handle.write(png), binary=True)
         return written
 
     # ---------------------------------------------------------------------------------------- write
     def write(self, out_dir: str | Path, per_category: bool = False, plots: bool = True) -> list[Path]:
-        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png`` and ``report.html``
-        (the sweep page, and the run page of each job below ``out_dir``); atomic writes."""
+        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png`` (``plots``) and
+        ``report.html``: the run page of a single run reported in its own directory, else the sweep page
+        (its plots inside it, so it needs no folder of its own) and the run page of each job below
+        ``out_dir``. Atomic writes."""
         from anomret.reporting.page import write_run_page, write_sweep_page
 
         out_dir = Path(out_dir)
@@ -426,11 +434,13 @@ class SweepReport:
                 _write_atomic(out_dir / "report_per_category.csv", lambda h: h.write(self.csv_text(True))),
                 _write_atomic(out_dir / "report_per_category.md", lambda h: h.write(self.markdown(True))),
             ]
-        drawn = self.plot(out_dir / "plots") if plots else {}
-        written += list(drawn.values())
         if self.is_single_run(out_dir):
+            written += self.plot(out_dir / "plots").values() if plots and self.swept else []
             written.append(write_run_page(self.jobs[0].path, out_dir))
             return written
+        drawn = self.draw_plots()
+        if plots:
+            written += self.plot(out_dir / "plots", drawn).values()
         for job in self.jobs:
             if job.path.resolve().is_relative_to(out_dir.resolve()):
                 written.append(write_run_page(job.path))
@@ -714,7 +724,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--per-category", action="store_true", help="also one row per job and category")
     parser.add_argument("--paper", action="store_true", help="MRAD Table 1 layout of a sweep over dataset=")
     parser.add_argument("--allow-mixed", action="store_true", help="allow jobs of different methods")
-    parser.add_argument("--no-plots", action="store_true", help="leave out the sweep plots (plots/*.png)")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="no plots/*.png files (the sweep page still shows the plots)"
+    )
     args = parser.parse_args(argv)
 
     try:

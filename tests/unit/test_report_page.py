@@ -108,7 +108,11 @@ def _assert_self_contained(page: Path) -> None:
     parsed = _read(page)
     assert not parsed.find("script") and not parsed.find("link")  # inline CSS, no script
     for attrs in parsed.find("img"):
-        assert "://" not in attrs["src"] and (page.parent / attrs["src"]).is_file(), attrs["src"]
+        source = attrs["src"]
+        if source.startswith("data:"):
+            assert source.startswith("data:image/png;base64,") and len(source) > 1000
+        else:
+            assert "://" not in source and (page.parent / source).is_file(), source
     for attrs in parsed.find("a"):
         href = attrs["href"]
         assert "://" not in href
@@ -236,7 +240,8 @@ def test_sweep_page_rows_plots_and_configs(tmp_path):
     assert "Jobs without results (1)" in text and "retrieval.k=16" in text
     assert "8 → 6" in text  # the capped K
     plots = parsed.find("img", inside="section#plots")
-    assert [Path(p["src"]).name for p in plots] == ["metrics_vs_retrieval.rho.png"]
+    assert len(plots) == 1 and plots[0]["alt"] == "I-AUROC against retrieval.rho"
+    assert sorted(p.name for p in (sweep / "plots").iterdir()) == ["metrics_vs_retrieval.rho.png"]
     assert "Not drawn, no change with retrieval.k: I-AUROC" in text  # flat against k
     assert "no change with retrieval.rho: I-AP, I-F1max, P-AUROC, P-AP, P-F1max, AUPRO" in text
     configs = parsed.find("section", inside="section#configs")
@@ -253,6 +258,9 @@ def test_sweep_callback_reports_and_ends_with_the_directory_and_the_command(tmp_
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"sweep finished: {sweep}; report: python -m anomret.report {sweep}"
     assert (sweep / "report.html").is_file() and (sweep / "report.csv").is_file()
+    # The sweep directory holds its jobs and files only: the page holds its plots itself.
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3", "4"]
+    assert "data:image/png;base64," in (sweep / "report.html").read_text()
 
 
 def test_sweep_callback_of_a_sweep_without_results_only_names_its_directory(tmp_path, capsys):

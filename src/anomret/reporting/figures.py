@@ -6,6 +6,7 @@ touched, so a caller's own backend (a notebook's) is left as it is.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 from anomret.files import atomic_path
 from anomret.reporting.curves import Threshold, pr_points, roc_points
 
-__all__ = ["category_figure", "line_style", "new_figure", "save_figure"]
+__all__ = ["category_figure", "figure_png", "line_style", "new_figure", "save_figure"]
 
 NORMAL_COLOUR = "#1f77b4"
 ANOMALOUS_COLOUR = "#d62728"
@@ -58,6 +59,13 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 96) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
+
+
+def figure_png(figure: Any, dpi: int = 96) -> bytes:
+    """The figure as PNG bytes (for a page that holds its images itself)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _percent(value: float | None) -> str:

@@ -1,9 +1,10 @@
 """The report page: a self-contained ``report.html`` for a run directory and for a sweep directory.
 
 Self-contained means nothing is fetched from a network or a server: CSS is inline, there is no script,
-and every image is a file beside the page (``report_files/`` for the page's own figures, the run's
-``overlays/`` and the sweep report's ``plots/``), referenced by a relative path, so the directory can be
-copied, archived or opened from a file browser as it is.
+and every image is either a file beside the page, referenced by a relative path (a run page's figures in
+``report_files/``, the run's ``overlays/``), or inside it as a data URI (a sweep page's plots, so a sweep
+directory holds nothing but its jobs and report files). A directory can be copied, archived or opened
+from a file browser as it is.
 
 Run page (:func:`write_run_page`), in this order:
 
@@ -30,6 +31,7 @@ Figures are named after a digest of what they show, so writing a page again redr
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import html
@@ -513,13 +515,14 @@ def write_run_page(run_dir: str | Path, out_dir: str | Path | None = None) -> Pa
 
 
 # ------------------------------------------------------------------------------------ sweep: page
-def write_sweep_page(report: SweepReport, out_dir: str | Path, plots: dict[str, Path] | None = None) -> Path:
+def write_sweep_page(report: SweepReport, out_dir: str | Path, plots: dict[str, bytes] | None = None) -> Path:
     """Write the sweep's ``report.html`` into ``out_dir``; returns its path.
 
     Args:
         report: the collected jobs (:func:`anomret.report.collect`).
         out_dir: where the page goes (``anomret.report`` writes it into the sweep directory).
-        plots: swept key -> its plot (:meth:`SweepReport.plot`); none if omitted.
+        plots: swept key -> its plot as PNG (:meth:`SweepReport.draw_plots`), held in the page as a data
+            URI; drawn here when omitted.
     """
     out = Path(out_dir).resolve()
     methods = sorted({job.method for job in report.jobs})
@@ -538,7 +541,8 @@ def write_sweep_page(report: SweepReport, out_dir: str | Path, plots: dict[str, 
     sections = [("results", "Results per job", _jobs_table(report, out, len(methods) > 1, len(datasets) > 1))]
     if report.missing:
         sections.append(("missing", f"Jobs without results ({len(report.missing)})", _missing_list(report)))
-    sections.append(("plots", "Metrics against each swept value", _plots_section(report, plots or {}, out)))
+    plots = report.draw_plots() if plots is None else plots
+    sections.append(("plots", "Metrics against each swept value", _plots_section(report, plots)))
     sections.append(("configs", "Job configs", _job_configs(report)))
     body = "\n".join(
         f"<section id='{id_}'><h2>{title}</h2>{content}</section>" for id_, title, content in sections
@@ -625,7 +629,7 @@ def _k_used(settings: dict[str, Any]) -> str | None:
     return f"{asked} → {used}" if asked is not None and asked != used else str(used)
 
 
-def _plots_section(report: SweepReport, plots: dict[str, Path], out: Path) -> str:
+def _plots_section(report: SweepReport, plots: dict[str, bytes]) -> str:
     if not report.swept:
         return "<p class='note'>Nothing was swept: there is no value to plot against.</p>"
     parts = [
@@ -638,12 +642,11 @@ def _plots_section(report: SweepReport, plots: dict[str, Path], out: Path) -> st
         parts.append(f"<h3>{e(key)}</h3>")
         if key in plots:
             labels = ", ".join(METRIC_LABELS.get(m, m) for m in changing)
+            data = base64.b64encode(plots[key]).decode("ascii")
             parts.append(
-                f"<figure class='sweep-plot'><img src='{_href(plots[key], out)}' "
+                f"<figure class='sweep-plot'><img src='data:image/png;base64,{data}' "
                 f"alt='{e(labels)} against {e(key)}'></figure>"
             )
-        elif changing:
-            parts.append("<p class='note'>Plots were not drawn (--no-plots).</p>")
         if unchanged:
             parts.append(
                 f"<p class='note'>Not drawn, no change with {e(key)}: {e(', '.join(unchanged))}.</p>"

@@ -78,9 +78,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None], binary: bool = False) -> Path:
     # A killed run never leaves a truncated results file (see anomret.files).
-    with atomic_open(path, "w", newline="") as handle:
+    with atomic_open(path, "wb") if binary else atomic_open(path, "w", newline="") as handle:
         write(handle)
     return Path(path)
 

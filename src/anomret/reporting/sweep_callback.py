@@ -1,9 +1,9 @@
 """A Hydra callback that reports a sweep when its last job has finished (``hydra.callbacks`` in
 ``conf/hydra/default.yaml``).
 
-At the end of a multirun it writes the sweep's report (``report.csv``, ``report.md``, ``plots/`` and
-``report.html``, as ``python -m anomret.report DIR`` does), prints the table, and ends with one line that
-names the sweep directory and the command that reports it again. With a launcher that runs jobs
+At the end of a multirun it writes the sweep's report (``report.csv``, ``report.md`` and ``report.html``,
+as ``python -m anomret.report DIR --no-plots`` does), prints the table, and ends with one line that names
+the sweep directory and the command that reports it again. With a launcher that runs jobs
 elsewhere (SLURM), it runs where the sweep was started, once the launcher has collected the jobs.
 """
 
@@ -34,7 +34,8 @@ class SweepReportCallback(Callback):
             print(f"sweep finished: {sweep_dir}", flush=True)
             return
         try:
-            report, _, out, _ = write_report([sweep_dir])
+            # No plots/ folder: the page holds its plots, and the sweep directory keeps only its jobs' folders.
+            report, _, out, _ = write_report([sweep_dir], plots=False)
         except ReportError as error:
             log.warning("the sweep report was not written: %s", error)
         else:
