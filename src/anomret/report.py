@@ -378,7 +378,18 @@ class SweepReport:
                 continue
             columns = min(len(metrics), 4)
             rows = math.ceil(len(metrics) / columns)
-            figure = new_figure(3.3 * columns, 2.6 * rows + 0.9)
+            legend = len(self.series(key, metrics[0])) > 1
+            width, height = 3.3 * columns, 2.6 * rows + (0.9 if legend else 0.4)
+            figure = new_figure(width, height, constrained=False)
+            # Margins in inches, for the tick labels, the titles and the legend below the panels.
+            figure.subplots_adjust(
+                left=0.65 / width,
+                right=1 - 0.15 / width,
+                top=1 - 0.35 / height,
+                bottom=(1.05 if legend else 0.55) / height,
+                wspace=0.4,
+                hspace=0.6,
+            )
             panels = figure.subplots(rows, columns, squeeze=False).ravel()
             for axes, metric in zip(panels, metrics, strict=False):
                 lines = self.series(key, metric)
@@ -400,11 +411,9 @@ class SweepReport:
                 axes.grid(alpha=0.3)
             for axes in panels[len(metrics) :]:
                 axes.set_visible(False)
-            handles, labels = panels[0].get_legend_handles_labels()
-            if len(handles) > 1:
-                figure.legend(
-                    handles, labels, loc="outside lower center", ncol=min(len(handles), 4), frameon=False
-                )
+            if legend:
+                handles, labels = panels[0].get_legend_handles_labels()
+                figure.legend(handles, labels, loc="lower center", ncol=min(len(handles), 4), frameon=False)
             drawn[key] = figure_png(figure, dpi=90)
         return drawn
 
@@ -417,11 +426,18 @@ class SweepReport:
         return written
 
     # ---------------------------------------------------------------------------------------- write
-    def write(self, out_dir: str | Path, per_category: bool = False, plots: bool = True) -> list[Path]:
-        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png`` (``plots``) and
+    def write(
+        self, out_dir: str | Path, per_category: bool = False, plots: bool = True, plot_files: bool = True
+    ) -> list[Path]:
+        """``report.csv`` and ``report.md`` (plus per-category versions), ``plots/*.png`` and
         ``report.html``: the run page of a single run reported in its own directory, else the sweep page
-        (its plots inside it, so it needs no folder of its own) and the run page of each job below
-        ``out_dir``. Atomic writes."""
+        and the run page of each job below ``out_dir``. Atomic writes.
+
+        Args:
+            plots: draw the sweep plots (``False``: tables and pages only, the quickest report).
+            plot_files: also write them to ``plots/``; the sweep page holds its plots itself, so without
+                them ``out_dir`` gains no folder.
+        """
         from anomret.reporting.page import write_run_page, write_sweep_page
 
         out_dir = Path(out_dir)
@@ -434,13 +450,12 @@ class SweepReport:
                 _write_atomic(out_dir / "report_per_category.csv", lambda h: h.write(self.csv_text(True))),
                 _write_atomic(out_dir / "report_per_category.md", lambda h: h.write(self.markdown(True))),
             ]
+        drawn = self.draw_plots() if plots else None
+        if drawn and plot_files:
+            written += self.plot(out_dir / "plots", drawn).values()
         if self.is_single_run(out_dir):
-            written += self.plot(out_dir / "plots").values() if plots and self.swept else []
             written.append(write_run_page(self.jobs[0].path, out_dir))
             return written
-        drawn = self.draw_plots()
-        if plots:
-            written += self.plot(out_dir / "plots", drawn).values()
         for job in self.jobs:
             if job.path.resolve().is_relative_to(out_dir.resolve()):
                 written.append(write_run_page(job.path))
@@ -660,6 +675,7 @@ def write_report(
     *,
     per_category: bool = False,
     plots: bool = True,
+    plot_files: bool = True,
     allow_mixed: bool = False,
     paper: bool = False,
 ) -> tuple[SweepReport, PaperTable | None, Path, list[Path]]:
@@ -671,7 +687,7 @@ def write_report(
     """
     report = collect(dirs, allow_mixed=allow_mixed)
     out_dir = Path(out).expanduser() if out else _default_out(dirs)
-    written = report.write(out_dir, per_category=per_category, plots=plots)
+    written = report.write(out_dir, per_category=per_category, plots=plots, plot_files=plot_files)
     table = paper_table(report) if paper else None
     if table is not None:
         written += table.write(out_dir)
@@ -725,7 +741,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--paper", action="store_true", help="MRAD Table 1 layout of a sweep over dataset=")
     parser.add_argument("--allow-mixed", action="store_true", help="allow jobs of different methods")
     parser.add_argument(
-        "--no-plots", action="store_true", help="no plots/*.png files (the sweep page still shows the plots)"
+        "--no-plots", action="store_true", help="tables and pages without the sweep plots (quickest)"
     )
     args = parser.parse_args(argv)
 

@@ -281,3 +281,11 @@ def test_category_names_become_safe_anchors_and_file_names(tmp_path, name):
     page = write_run_page(run)
     _assert_self_contained(page)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+-[0-9a-f]{12}\.png", p.name) for p in (run / FILES_DIR).iterdir())
+
+
+def test_sweep_report_without_plots_says_so_on_its_page(tmp_path):
+    sweep = _sweep(tmp_path)
+    assert main([str(sweep), "--no-plots"]) == 0
+    parsed = _read(sweep / "report.html")
+    assert not parsed.find("img") and "Plots left out" in parsed.plain
+    assert not (sweep / "plots").exists()

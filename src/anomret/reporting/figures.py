@@ -45,11 +45,13 @@ def line_style(number: int, count: int) -> dict[str, Any]:
     }
 
 
-def new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float, constrained: bool = True) -> Any:
+    """A figure on the Agg canvas; ``constrained=False`` leaves the layout to the caller (faster: the
+    constrained layout measures every label)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height), layout="constrained" if constrained else None)
     FigureCanvasAgg(figure)
     return figure
 

@@ -522,7 +522,7 @@ def write_sweep_page(report: SweepReport, out_dir: str | Path, plots: dict[str, 
         report: the collected jobs (:func:`anomret.report.collect`).
         out_dir: where the page goes (``anomret.report`` writes it into the sweep directory).
         plots: swept key -> its plot as PNG (:meth:`SweepReport.draw_plots`), held in the page as a data
-            URI; drawn here when omitted.
+            URI; ``None``: the page says the plots were left out.
     """
     out = Path(out_dir).resolve()
     methods = sorted({job.method for job in report.jobs})
@@ -541,7 +541,6 @@ def write_sweep_page(report: SweepReport, out_dir: str | Path, plots: dict[str, 
     sections = [("results", "Results per job", _jobs_table(report, out, len(methods) > 1, len(datasets) > 1))]
     if report.missing:
         sections.append(("missing", f"Jobs without results ({len(report.missing)})", _missing_list(report)))
-    plots = report.draw_plots() if plots is None else plots
     sections.append(("plots", "Metrics against each swept value", _plots_section(report, plots)))
     sections.append(("configs", "Job configs", _job_configs(report)))
     body = "\n".join(
@@ -629,9 +628,11 @@ def _k_used(settings: dict[str, Any]) -> str | None:
     return f"{asked} → {used}" if asked is not None and asked != used else str(used)
 
 
-def _plots_section(report: SweepReport, plots: dict[str, bytes]) -> str:
+def _plots_section(report: SweepReport, plots: dict[str, bytes] | None) -> str:
     if not report.swept:
         return "<p class='note'>Nothing was swept: there is no value to plot against.</p>"
+    if plots is None:
+        return "<p class='note'>Plots left out (python -m anomret.report DIR --no-plots).</p>"
     parts = [
         "<p class='note'>Mean over categories against each swept key, one panel per metric that changes with "
         "the key; one line per combination of the other swept keys.</p>"

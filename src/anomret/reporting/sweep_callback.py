@@ -2,8 +2,8 @@
 ``conf/hydra/default.yaml``).
 
 At the end of a multirun it writes the sweep's report (``report.csv``, ``report.md`` and ``report.html``,
-as ``python -m anomret.report DIR --no-plots`` does), prints the table, and ends with one line that names
-the sweep directory and the command that reports it again. With a launcher that runs jobs
+whose plots are inside the page: the sweep directory gains no folder beside its jobs), prints the table,
+and ends with one line that names the sweep directory and the command that reports it again. With a launcher that runs jobs
 elsewhere (SLURM), it runs where the sweep was started, once the launcher has collected the jobs.
 """
 
@@ -35,7 +35,7 @@ class SweepReportCallback(Callback):
             return
         try:
             # No plots/ folder: the page holds its plots, and the sweep directory keeps only its jobs' folders.
-            report, _, out, _ = write_report([sweep_dir], plots=False)
+            report, _, out, _ = write_report([sweep_dir], plot_files=False)
         except ReportError as error:
             log.warning("the sweep report was not written: %s", error)
         else:
