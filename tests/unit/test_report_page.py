@@ -215,7 +215,8 @@ def _sweep(root: Path) -> Path:
     sweep = root / "sweep"
     for number, (k, rho) in enumerate([(4, 0), (4, 1), (8, 0), (8, 1)]):
         settings = {"retrieval": {"k": k, "k_used": min(k, 6), "rho": rho, "memory_images": 6}}
-        job = _run_dir(sweep / str(number), settings)
+        # Tables only: the run pages' figures are tested above, and drawing them here would only cost time.
+        job = _run_dir(sweep / str(number), settings, scores=False, overlays=False)
         (job / ".hydra" / "overrides.yaml").write_text(
             yaml.safe_dump(["+experiment=demo_rad", f"retrieval.k={k}", f"retrieval.rho={rho}"])
         )
