@@ -1,8 +1,10 @@
-"""Lightning callbacks: test overlays (saved and logged to W&B) and streamed prediction outputs."""
+"""Lightning callbacks: test overlays (saved, indexed for the report page and logged to W&B) and streamed
+prediction outputs."""
 
 from __future__ import annotations
 
 import csv
+import heapq
 import logging
 import shutil
 from dataclasses import dataclass
@@ -16,8 +18,9 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from anomret.data.batch import Batch
-from anomret.data.io import read_image
-from anomret.data.transforms import SquareResizeCrop
+from anomret.data.io import read_image, read_mask
+from anomret.data.transforms import SquareResizeCrop, crop_box
+from anomret.distributed import gather_to_zero
 from anomret.encoders.base import Preprocess
 from anomret.files import atomic_open
 from anomret.viz import overlay_panel, save_png
@@ -34,46 +37,133 @@ def display_image(image_path: str, preprocess: Preprocess, size: int) -> np.ndar
 
 @dataclass
 class _Kept:
-    image: np.ndarray
-    anomaly_map: np.ndarray
-    mask: np.ndarray
+    index: int  # dataset row: one image, however many pools keep it
+    anomaly_map: np.ndarray  # float16 on the map grid: half the memory, far below a colour step
+    grid_mask: np.ndarray | None  # ground truth on the map grid, kept when the mask file is not known
+    mask_path: str | None
+    image_path: str
     score: float
     label: int
-    name: str
+
+    @property
+    def name(self) -> str:
+        # The defect folder disambiguates stems repeated across defect types (MVTec: 000.png).
+        path = Path(self.image_path)
+        return f"{path.parent.name}_{path.stem}"
+
+
+# The pools of a category, in the order overlays are taken from them: the likeliest false positives,
+# the likeliest false negatives, then the clearest detections.
+POOLS = ("highest_normal", "lowest_anomalous", "highest_anomalous")
+
+
+def _rank(pool: str, score: float, index: int) -> tuple[float, int]:
+    # Each pool keeps the images of largest rank; on equal scores the earlier dataset row wins.
+    return (-score if pool == "lowest_anomalous" else score), -index
+
+
+Heap = list[tuple[tuple[float, int], _Kept]]
+
+
+def _wants(heap: Heap, rank: tuple[float, int], size: int) -> bool:
+    # A row already held (seen by two processes) has the same rank, so it is not taken twice.
+    return (len(heap) < size or rank > heap[0][0]) and all(held != rank for held, _ in heap)
+
+
+def _offer(heap: Heap, pool: str, item: _Kept, size: int) -> None:
+    rank = _rank(pool, item.score, item.index)
+    if not _wants(heap, rank, size):
+        return
+    if len(heap) < size:
+        heapq.heappush(heap, (rank, item))
+    else:
+        heapq.heapreplace(heap, (rank, item))
+
+
+def _merge(
+    shares: list[tuple[dict[str, dict[str, Heap]], dict[str, list[float]]]], size: int
+) -> tuple[dict[str, dict[str, list[_Kept]]], dict[str, list[float]]]:
+    """One set of pools and colour ranges from every process's (a row seen twice counts once)."""
+    pools: dict[str, dict[str, Heap]] = {}
+    ranges: dict[str, list[float]] = {}
+    for share_pools, share_ranges in shares:
+        for category, (low, high) in share_ranges.items():
+            bounds = ranges.setdefault(category, [low, high])
+            bounds[0], bounds[1] = min(bounds[0], low), max(bounds[1], high)
+        for category, category_pools in share_pools.items():
+            merged = pools.setdefault(category, {pool: [] for pool in POOLS})
+            for pool, heap in category_pools.items():
+                for _, item in heap:
+                    _offer(merged[pool], pool, item, size)
+    items = {c: {pool: [item for _, item in heap] for pool, heap in p.items()} for c, p in pools.items()}
+    return items, ranges
+
+
+def select_overlays(pools: dict[str, list[_Kept]], n: int) -> list[_Kept]:
+    """Up to ``n`` distinct images, taken in turn from the pools (each sorted best first)."""
+    ordered = {
+        pool: sorted(
+            pools.get(pool, []), key=lambda k, pool=pool: _rank(pool, k.score, k.index), reverse=True
+        )
+        for pool in POOLS
+    }
+    chosen: dict[int, _Kept] = {}
+    while len(chosen) < n and any(ordered.values()):
+        for pool in POOLS:
+            while ordered[pool] and ordered[pool][0].index in chosen:
+                ordered[pool].pop(0)
+            if ordered[pool] and len(chosen) < n:
+                item = ordered[pool].pop(0)
+                chosen[item.index] = item
+    return list(chosen.values())
+
+
+def map_box(image_width: int, image_height: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
+    """The region of the original image an anomaly map covers: the encoder's centre crop of its square
+    resize, in the original image's pixels."""
+    top, left = crop_box(preprocess.resize, preprocess.resize, preprocess.crop)
+    sx, sy = image_width / preprocess.resize, image_height / preprocess.resize
+    return (
+        round(left * sx),
+        round(top * sy),
+        round((left + preprocess.crop) * sx),
+        round((top + preprocess.crop) * sy),
+    )
 
 
 class OverlayWriter(Callback):
-    """Keeps a few test images per category and writes overlays at the end of the test pass.
+    """Overlays of the most telling test images of each category, drawn at the end of the test pass.
 
-    Per category it keeps the first ``n_per_category - 1`` anomalous images and the first normal one
-    (or more anomalous ones when there are no normals), and colours every overlay of a category on
-    that category's score range, tracked over all its maps.
+    While the test pass runs it keeps, per category and in bounded memory (at most ``n_per_category``
+    maps per pool), the highest-scoring normal images (the likeliest false positives), the lowest-scoring
+    anomalous ones (the likeliest false negatives) and the highest-scoring anomalous ones; under DDP every
+    process's candidates are gathered. At the end it writes ``n_per_category`` of them per category, taken
+    in turn from those pools, to ``overlays/<category>/`` and lists them in ``overlays/index.csv``
+    (``category,image,label,score,file``), which the report page reads.
+
+    Each overlay is drawn at the image's own resolution (the map upsampled to the region the encoder
+    saw), with the ground-truth outline read from the mask file, a colour bar on the category's score
+    range (tracked over all its maps) and, with ``pixel_threshold``, the outline of the predicted mask.
 
     Args:
         output_dir: overlays go to ``output_dir/overlays/<category>/``.
-        n_per_category: images kept per category (0 disables the callback).
+        n_per_category: images written per category (0 disables the callback).
+        pixel_threshold: a map value at or above which a pixel is predicted anomalous; ``None``: no
+            predicted outline.
     """
 
-    def __init__(self, output_dir: str, n_per_category: int = 4) -> None:
+    def __init__(
+        self, output_dir: str, n_per_category: int = 4, pixel_threshold: float | None = None
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.n_per_category = n_per_category
-        self._kept: dict[str, list[_Kept]] = {}
+        self.pixel_threshold = pixel_threshold
+        self._pools: dict[str, dict[str, Heap]] = {}
         self._ranges: dict[str, list[float]] = {}
         self.written: list[Path] = []
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._kept, self._ranges, self.written = {}, {}, []
-
-    def _wanted(self, category: str, label: int) -> bool:
-        kept = self._kept.setdefault(category, [])
-        if len(kept) >= self.n_per_category:
-            return False
-        normals = sum(1 for item in kept if item.label == 0)
-        anomalous = len(kept) - normals
-        if label == 0:
-            return normals == 0
-        # Leave one slot for a normal image until one has been seen.
-        return normals > 0 or anomalous < max(self.n_per_category - 1, 1)
+        self._pools, self._ranges, self.written = {}, {}, []
 
     def on_test_batch_end(
         self,
@@ -88,46 +178,91 @@ class OverlayWriter(Callback):
             return
         maps = outputs["anomaly_map"].detach().float().cpu()
         scores = outputs["image_score"].detach().float().cpu()
-        preprocess = trainer.datamodule.preprocess
+        samples = getattr(trainer.datamodule, "test_samples", None)
         for i, category in enumerate(batch.category):
             low, high = float(maps[i].min()), float(maps[i].max())
             bounds = self._ranges.setdefault(category, [low, high])
             bounds[0], bounds[1] = min(bounds[0], low), max(bounds[1], high)
-            label = int(batch.label[i])
-            if not self._wanted(category, label):
-                continue
-            self._kept[category].append(
-                _Kept(
-                    # Read from disk: with the feature store, a batch may hold features instead of images.
-                    image=display_image(batch.image_path[i], preprocess, maps.shape[-1]),
-                    anomaly_map=maps[i].numpy(),
-                    mask=batch.mask[i].detach().cpu().numpy() > 0.5,
-                    score=float(scores[i]),
-                    label=label,
-                    # The defect folder disambiguates stems repeated across defect types (MVTec: 000.png).
-                    name=f"{Path(batch.image_path[i]).parent.name}_{Path(batch.image_path[i]).stem}",
-                )
-            )
+            index, label = int(batch.index[i]), int(batch.label[i])
+            pools = self._pools.setdefault(category, {pool: [] for pool in POOLS})
+            item = None
+            for pool in ("highest_normal",) if label == 0 else ("lowest_anomalous", "highest_anomalous"):
+                if not _wants(pools[pool], _rank(pool, float(scores[i]), index), self.n_per_category):
+                    continue
+                if item is None:  # copied only for an image some pool takes
+                    mask_path = None if samples is None else samples[index].mask_path
+                    item = _Kept(
+                        index=index,
+                        anomaly_map=maps[i].numpy().astype(np.float16),
+                        grid_mask=None if samples is not None else batch.mask[i].cpu().numpy() > 0.5,
+                        mask_path=None if mask_path is None else str(mask_path),
+                        image_path=str(batch.image_path[i]),
+                        score=float(scores[i]),
+                        label=label,
+                    )
+                _offer(pools[pool], pool, item, self.n_per_category)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if self.n_per_category <= 0:
             return
+        shares = gather_to_zero((self._pools, self._ranges))  # every process takes part
+        if not trainer.is_global_zero or shares is None:
+            return
+        pools, ranges = _merge(shares, self.n_per_category)
+        preprocess = trainer.datamodule.preprocess
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        for category, kept in self._kept.items():
-            vmin, vmax = self._ranges[category]
+        rows = []
+        for category, category_pools in pools.items():
+            vmin, vmax = ranges[category]
+            kept = sorted(select_overlays(category_pools, self.n_per_category), key=lambda k: -k.score)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in category)
             panels, captions = [], []
-            for index, item in enumerate(kept):
+            for position, item in enumerate(kept):
                 caption = f"{category}/{item.name}\nlabel {item.label}  score {item.score:.4f}"
-                panel = overlay_panel(item.image, item.anomaly_map, item.mask, vmin, vmax, caption=caption)
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in category)
-                self.written.append(
-                    save_png(panel, self.output_dir / "overlays" / safe / f"{index:02d}_{item.name}.png")
+                panel = self.draw(item, preprocess, vmin, vmax, caption)
+                path = save_png(
+                    panel, self.output_dir / "overlays" / safe / f"{position:02d}_{item.name}.png"
+                )
+                self.written.append(path)
+                rows.append(
+                    [
+                        category,
+                        item.image_path,
+                        item.label,
+                        repr(item.score),
+                        path.relative_to(self.output_dir).as_posix(),
+                    ]
                 )
                 panels.append(panel)
                 captions.append(caption.replace("\n", "  "))
             for logger in wandb_loggers:
                 logger.log_image(key=f"overlays/{category}", images=panels, caption=captions)
+        with atomic_open(self.output_dir / "overlays" / "index.csv", "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["category", "image", "label", "score", "file"])
+            writer.writerows(rows)
         log.info("wrote %d overlay images to %s", len(self.written), self.output_dir / "overlays")
+
+    def draw(self, item: _Kept, preprocess: Preprocess, vmin: float, vmax: float, caption: str) -> np.ndarray:
+        """The overlay of one kept image at its own resolution."""
+        image = read_image(item.image_path)
+        height, width = image.shape[:2]
+        if item.mask_path is not None:
+            mask = read_mask(item.mask_path)
+        elif item.grid_mask is not None:
+            mask = item.grid_mask
+        else:  # a normal image, or a dataset without masks: nothing to outline
+            mask = np.zeros((height, width), bool)
+        return overlay_panel(
+            image,
+            item.anomaly_map.astype(np.float32),
+            mask,
+            vmin,
+            vmax,
+            caption=caption,
+            map_box=map_box(width, height, preprocess),
+            pixel_threshold=self.pixel_threshold,
+        )
 
 
 class PredictionWriter(BasePredictionWriter):

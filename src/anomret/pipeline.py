@@ -1,9 +1,10 @@
 """What the entry points run, once the assembly has built the parts: the order of the steps and the outputs.
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
-``results.json``, ``results.csv`` (per category and mean), ``artifacts.json`` (bank, checkpoint and
-feature store used), ``overlays/``, ``checkpoints/`` (methods that train) and the logger files. The parts
-themselves (encoder, store, model, data, checkpoint, bank) come from :mod:`anomret.assembly`.
+``results.json``, ``results.csv`` (per category and mean), ``image_scores.csv`` (per test image),
+``artifacts.json`` (bank, checkpoint and feature store used), ``overlays/``, the report page
+``report.html``, ``checkpoints/`` (methods that train) and the logger files. The parts themselves
+(encoder, store, model, data, checkpoint, bank) come from :mod:`anomret.assembly`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from anomret.files import write_text_atomic
 from anomret.launch import DistributedJob, use_job_command_for_ddp
 from anomret.metrics.results import EvaluationResult
 from anomret.output import configure_output
+from anomret.reporting.page import log_page_artifact, write_run_page
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,10 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
                 "features": None if parts.store is None else str(Path(parts.store.directory).resolve()),
             }
             write_outputs(result, output_dir, loggers, artifacts)
-            console = Console(
-                width=max(Console().width, 120)
-            )  # log files are not terminals: keep columns whole
-            console.print(result.rich_table(title=f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"))
-            log.info("results written to %s", output_dir)
+            console = Console()  # a pipe or log gets 80 columns (COLUMNS), which the table fits
+            title = f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"
+            console.print(result.rich_table(title=title, width=console.width))
+            log.info("results written to %s (report page: report.html)", output_dir)
             if purpose is Purpose.TRAIN:
                 log.info("evaluate it again with: %s", _eval_command(cfg, info, checkpoint_file))
         return result
@@ -118,7 +119,13 @@ def write_outputs(
 ) -> None:
     result.write_json(output_dir / "results.json")
     result.write_csv(output_dir / "results.csv")
+    result.write_image_scores(output_dir / "image_scores.csv")
     write_text_atomic(output_dir / "artifacts.json", json.dumps(artifacts, indent=2))
+    try:
+        page = write_run_page(output_dir)
+    except Exception:  # the results are written: a page that fails must not fail the run
+        log.exception("the report page could not be written; python -m anomret.report %s retries", output_dir)
+        page = None
     columns = ["category", *result.metrics, "n_images", "n_anomalous"]
     rows = [
         [category, *[values.get(m) for m in result.metrics], *result.counts[category].values()]
@@ -130,6 +137,8 @@ def write_outputs(
             logger.log_table(key="results/per_category", columns=columns, data=rows)
             for metric, value in result.mean.items():
                 logger.experiment.summary[f"mean/{metric}"] = value
+            if page is not None:
+                log_page_artifact(logger.experiment, page)
 
 
 def predict(cfg: DictConfig) -> Path:

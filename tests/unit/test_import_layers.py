@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "launch": 4,
     "cli": 4,
     "output": 4,
+    "reporting": 4,
     # methods
     "models": 3,
     # memory, features, retrieval, metrics
@@ -53,6 +54,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "plugins": 0,
     "viz": 0,
+    "tables": 0,
 }
 
 ROOT = Path(anomret.__file__).parent

@@ -12,7 +12,8 @@ from PIL import Image
 
 from anomret.metrics.evaluator import METRIC_KEYS
 from anomret.metrics.results import EvaluationResult
-from anomret.report import PAPER_DATASETS, ReportError, collect, main, paper_table
+from anomret.report import main
+from anomret.reporting.sweep import PAPER_DATASETS, ReportError, collect, paper_table
 
 NAN = math.nan
 
@@ -45,7 +46,7 @@ def _job(
 
 @pytest.fixture
 def grid(tmp_path: Path) -> Path:
-    """A 2×2 multirun over image_score_weight × top_k_ratio; categories a, b with hand-picked values."""
+    """A 2×2 multirun over retrieval_weight × top_k_ratio; categories a, b with hand-picked values."""
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
@@ -144,19 +145,30 @@ def test_default_output_is_the_directory_itself(grid, capsys):
     assert "4 job(s)" in printed and "I-AUROC" in printed
 
 
-def test_one_png_per_metric_and_swept_key_and_each_is_a_valid_image(grid, tmp_path):
-    written = collect([grid]).plot(tmp_path / "plots")
-    assert len(written) == len(METRIC_KEYS) * 2
-    assert {p.name for p in written} >= {
-        "image_auroc_vs_model.score.retrieval_weight.png",
-        "pixel_aupro_vs_model.score.top_k_ratio.png",
-    }
-    for path in written:
+def test_one_png_per_swept_key_with_a_panel_per_changing_metric(grid, tmp_path):
+    report = collect([grid])
+    written = report.plot(tmp_path / "plots")
+    assert list(written) == ["model.score.retrieval_weight", "model.score.top_k_ratio"]
+    assert written["model.score.top_k_ratio"] == tmp_path / "plots" / "metrics_vs_model.score.top_k_ratio.png"
+    for key, path in written.items():
+        assert report.changing_metrics(key) == list(METRIC_KEYS)  # every metric moves with both keys here
         with Image.open(path) as image:
             image.verify()
             assert image.format == "PNG"
         with Image.open(path) as image:
-            assert image.size[0] > 100 and image.size[1] > 100
+            assert image.size[0] > 400 and image.size[1] > 300
+
+
+def test_metrics_a_swept_key_does_not_change_are_not_plotted(tmp_path):
+    # Pixel metrics do not depend on the image-score weight: flat lines, left out of the plot.
+    sweep = tmp_path / "sweep"
+    for number, weight in enumerate(["0.5", "0.7", "1.0"]):
+        values = _values(0.8, image_auroc=0.6 + 0.1 * number, image_ap=0.5 + 0.1 * number)
+        _job(sweep, str(number), [f"model.score.retrieval_weight={weight}"], {"a": values, "b": values})
+    report = collect([sweep])
+    assert report.changing_metrics("model.score.retrieval_weight") == ["image_auroc", "image_ap"]
+    assert not report.changes("model.score.retrieval_weight", "pixel_auroc")
+    assert list(report.plot(tmp_path / "plots")) == ["model.score.retrieval_weight"]
 
 
 def test_two_swept_keys_give_one_line_per_value_of_the_other(grid):
@@ -181,9 +193,10 @@ def test_non_numeric_values_are_categorical_and_all_undefined_metrics_are_not_pl
     assert list(lines) == [""]
     # Categories in sorted order: btad 0, mvtec 1, visa 2.
     assert lines[""] == [(0.0, pytest.approx(0.8)), (1.0, pytest.approx(0.7)), (2.0, pytest.approx(0.6))]
-    written = report.plot(tmp_path / "plots")
-    assert len(written) == len(METRIC_KEYS) - 1
-    assert not (tmp_path / "plots" / "pixel_aupro_vs_aux_dataset.png").exists()
+    assert report.changing_metrics("aux_dataset") == list(
+        METRIC_KEYS[:-1]
+    )  # pixel_aupro undefined everywhere
+    assert set(report.plot(tmp_path / "plots")) == {"aux_dataset"}
 
 
 def test_jobs_sort_by_number_and_several_run_directories_are_one_table(tmp_path):

@@ -18,21 +18,12 @@ from torch import Tensor
 
 from anomret.checks import integer_at_least, number_in
 from anomret.metrics import functional
-from anomret.metrics.results import EvaluationResult
+from anomret.metrics.results import METRIC_KEYS, EvaluationResult
 
 __all__ = ["METRIC_KEYS", "CategoryEvaluator"]
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = (
-    "image_auroc",
-    "image_ap",
-    "image_f1max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1max",
-    "pixel_aupro",
-)
 
 # Metric key -> functional binary metric; both levels share one sort of their scores.
 _IMAGE = {"image_auroc": "auroc", "image_ap": "average_precision", "image_f1max": "f1_max"}

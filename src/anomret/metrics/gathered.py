@@ -4,7 +4,8 @@ Under DDP every process scores its share of the test images (Lightning's distrib
 a few to even out the shares). Each batch is kept with the dataset row numbers of its images; at the end
 rank 0 gathers every share, keeps each row once, restores the dataset order and computes the metrics
 with :class:`~anomret.metrics.evaluator.CategoryEvaluator`; the result is broadcast, so every process
-reports the numbers a single process would.
+reports the numbers a single process would. The same rows, in the same order, become the result's
+per-image records (category, image path, label, score: ``image_scores.csv``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from anomret.distributed import broadcast_from_zero, gather_to_zero
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.metrics.results import EvaluationResult
+from anomret.metrics.results import EvaluationResult, ImageScore
 
 
 class GatheredEvaluation:
@@ -37,12 +38,14 @@ class GatheredEvaluation:
         labels: Tensor,
         maps: Tensor | None,
         masks: Tensor | None,
+        image_paths: Sequence[str] | None = None,
     ) -> None:
         keep_maps = maps is not None and self.evaluator.needs_maps
         self._batches.append(
             {
                 "index": indices.detach().cpu().long().reshape(-1),
                 "category": [str(c) for c in categories],
+                "image": [""] * len(categories) if image_paths is None else [str(p) for p in image_paths],
                 "score": image_scores.detach().cpu().float().reshape(-1),
                 "label": labels.detach().cpu().reshape(-1),
                 "map": maps.detach().cpu().float() if keep_maps else None,
@@ -70,6 +73,7 @@ class GatheredEvaluation:
         for number, _ in seen.values():
             remaining[number] += 1
         # Feed consecutive rows of one batch together; release each batch once it has been read.
+        images: list[ImageScore] = []
         start = 0
         while start < len(order):
             number, position = seen[order[start]]
@@ -85,8 +89,20 @@ class GatheredEvaluation:
                 None if batch["map"] is None else batch["map"][rows],
                 None if batch["mask"] is None else batch["mask"][rows],
             )
+            images += [
+                ImageScore(category, image, int(label), float(score))
+                for category, image, label, score in zip(
+                    batch["category"][rows],
+                    batch["image"][rows],
+                    batch["label"][rows].tolist(),
+                    batch["score"][rows].tolist(),
+                    strict=True,
+                )
+            ]
             remaining[number] -= end - start
             if remaining[number] == 0:
                 batches[number] = None  # the evaluator holds its own copy now: keep one copy in memory
             start = end
-        return self.evaluator.compute()
+        result = self.evaluator.compute()
+        result.images = images
+        return result

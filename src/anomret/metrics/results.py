@@ -1,4 +1,4 @@
-"""Per-category evaluation results: the mean over categories, JSON/CSV files and a rich table.
+"""Evaluation results: per-category metrics, per-image scores, their files and a console table.
 
 ``results.json`` schema::
 
@@ -9,6 +9,12 @@
 
 Values are raw fractions in [0, 1], unrounded; ``null`` marks a metric that is undefined for a category
 (e.g. pixel metrics of an image-only dataset).
+
+``image_scores.csv`` holds one row per test image, in dataset order: ``category,image,label,score``
+(the image's path, its 0/1 label and its image score at full precision). Curves, score histograms and
+thresholds are drawn from it.
+
+Nothing here imports torch: the report reads these files without loading the models.
 """
 
 from __future__ import annotations
@@ -25,8 +31,18 @@ from typing import Any
 from rich.table import Table
 
 from anomret.files import atomic_open
+from anomret.tables import Column, Row, fitted_table
 
-__all__ = ["METRIC_LABELS", "EvaluationResult"]
+__all__ = [
+    "IMAGE_SCORE_COLUMNS",
+    "METRIC_KEYS",
+    "METRIC_LABELS",
+    "EvaluationResult",
+    "ImageScore",
+    "read_image_scores",
+    "retrieval_note",
+    "write_image_scores",
+]
 
 # Column headers of the rich table, in the papers' short names.
 METRIC_LABELS = {
@@ -38,6 +54,9 @@ METRIC_LABELS = {
     "pixel_f1max": "P-F1max",
     "pixel_aupro": "AUPRO",
 }
+# The metrics in canonical order, the order the evaluator computes them in.
+METRIC_KEYS = tuple(METRIC_LABELS)
+IMAGE_SCORE_COLUMNS = ("category", "image", "label", "score")
 _COUNT_KEYS = ("n_images", "n_anomalous")
 
 
@@ -59,11 +78,65 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
+def _write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None], binary: bool = False) -> Path:
     # A killed run never leaves a truncated results file (see anomret.files).
-    with atomic_open(path, "w", newline="") as handle:
+    with atomic_open(path, "wb") if binary else atomic_open(path, "w", newline="") as handle:
         write(handle)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One test image: its category, path, 0/1 label and image score."""
+
+    category: str
+    image: str
+    label: int
+    score: float
+
+
+def write_image_scores(path: str | os.PathLike[str], images: list[ImageScore]) -> Path:
+    """``image_scores.csv``: one row per image in the given order, scores at full precision; atomic."""
+
+    def write(handle: Any) -> None:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(IMAGE_SCORE_COLUMNS)
+        for image in images:
+            writer.writerow([image.category, image.image, int(image.label), repr(float(image.score))])
+
+    return _write_atomic(path, write)
+
+
+def read_image_scores(path: str | os.PathLike[str]) -> list[ImageScore]:
+    """Inverse of :func:`write_image_scores`.
+
+    Raises:
+        ValueError: the file lacks a column or holds a value that is not a number.
+    """
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in IMAGE_SCORE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {missing}; expected {list(IMAGE_SCORE_COLUMNS)}")
+        return [
+            ImageScore(row["category"], row["image"], int(row["label"]), float(row["score"]))
+            for row in reader
+        ]
+
+
+def retrieval_note(settings: dict[str, Any]) -> str | None:
+    """The K and ρ a retrieval run used, saying so when K was capped at the memory size (few-shot runs)."""
+    retrieval = settings.get("retrieval")
+    if not isinstance(retrieval, dict) or retrieval.get("k") is None:
+        return None
+    k, used = retrieval["k"], retrieval.get("k_used")
+    if used is not None and used != k:
+        text = f"K = {used} (retrieval.k={k} capped at the memory's {retrieval.get('memory_images', used)} images)"
+    else:
+        text = f"K = {k}"
+    if retrieval.get("rho") is not None:
+        text += f", ρ = {retrieval['rho']}"
+    return text
 
 
 @dataclass
@@ -75,12 +148,14 @@ class EvaluationResult:
         counts: category -> ``{"n_images", "n_anomalous"}``.
         metrics: the metric keys that were computed, in canonical order.
         settings: how they were computed, e.g. ``{"aupro": {"fpr_limit": 0.3, ...}}``.
+        images: every test image's score, in dataset order (``image_scores.csv``; not in ``results.json``).
     """
 
     per_category: dict[str, dict[str, float]]
     counts: dict[str, dict[str, int]]
     metrics: tuple[str, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    images: list[ImageScore] = field(default_factory=list)
 
     @property
     def mean(self) -> dict[str, float]:
@@ -157,31 +232,42 @@ class EvaluationResult:
 
         return _write_atomic(path, write)
 
+    def write_image_scores(self, path: str | os.PathLike[str]) -> Path:
+        """``image_scores.csv`` of :attr:`images` (see the module docstring); atomic."""
+        return write_image_scores(path, self.images)
+
     # ------------------------------------------------------------------------------------------ rich
-    def rich_table(self, title: str | None = None) -> Table:
-        """Per-category table in percent with one decimal (as the papers), bold mean row."""
+    def rich_table(self, title: str | None = None, width: int | None = None) -> Table:
+        """Per-category table in percent with one decimal (as the papers), bold mean row.
+
+        ``width``: the console's width; the table is made to fit it (see :mod:`anomret.tables`).
+        """
 
         def percent(value: float | None) -> str:
             return "–" if _is_nan(value) else f"{100 * value:.1f}"
 
-        table = Table(title=title, caption=self._caption())
-        table.add_column("category", no_wrap=True)
-        for key in self.metrics:
-            table.add_column(METRIC_LABELS.get(key, key), justify="right")
-        table.add_column("images (anomalous)", justify="right")
+        columns = [
+            Column("category", shrinkable=True),
+            *(Column(METRIC_LABELS.get(key, key), numeric=True) for key in self.metrics),
+            Column("images (anomalous)", short="images\n(anom.)", numeric=True),
+        ]
+        rows = []
         for category, values in self.per_category.items():
             counts = self.counts.get(category, {})
-            table.add_row(
-                category,
-                *(percent(values.get(k)) for k in self.metrics),
-                f"{counts.get('n_images', 0)} ({counts.get('n_anomalous', 0)})",
-            )
+            count = f"{counts.get('n_images', 0)} ({counts.get('n_anomalous', 0)})"
+            rows.append(Row([category, *(percent(values.get(k)) for k in self.metrics), count]))
         mean = self.mean
-        table.add_section()
-        table.add_row("mean", *(percent(mean[k]) for k in self.metrics), "", style="bold")
-        return table
+        rows.append(
+            Row(["mean", *(percent(mean[k]) for k in self.metrics), ""], style="bold", rule_above=True)
+        )
+        return fitted_table(columns, rows, width=width, title=title, caption=self._caption())
 
     def _caption(self) -> str | None:
+        notes = [self.aupro_note(), retrieval_note(self.settings)]
+        return "\n".join(note for note in notes if note) or None
+
+    def aupro_note(self) -> str | None:
+        """Which AUPRO the result holds, when it holds one."""
         settings = self.settings.get("aupro")
         if "pixel_aupro" not in self.metrics or not isinstance(settings, dict):
             return None

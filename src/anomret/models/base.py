@@ -194,7 +194,13 @@ class RetrievalModule(LightningModule):
                 "set data.mask_size to the model's map size (model.map.size)"
             )
         self._evaluation().update(
-            batch.index, batch.category, scored.image_score, batch.label, scored.anomaly_map, masks
+            batch.index,
+            batch.category,
+            scored.image_score,
+            batch.label,
+            scored.anomaly_map,
+            masks,
+            image_paths=batch.image_path,
         )
         return {"anomaly_map": scored.anomaly_map, "image_score": scored.image_score}
 
