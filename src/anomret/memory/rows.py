@@ -9,8 +9,10 @@ eagerly), a read-only memory map (a loaded bank) or the scratch files of a memor
 Stored vectors are L2-normalised, which makes garbage cheap to recognise: a vector that is not finite, or
 whose length is not 1 within its storage's rounding, cannot come from a build. :meth:`PatchRows.check_sample`
 checks a spread sample of vectors when a bank is opened (garbage files are refused before any scoring),
-and every row is checked the first time it is read (a damaged region the sample missed is named instead
-of turning scores into NaN). Neither catches rows that are unit vectors but wrong (e.g. another image's).
+and each row, the first time it is read, has every value checked finite (from its bits) and a spread of
+its vectors checked for length (a damaged region the sample missed is named instead of turning scores
+into NaN). Neither catches finite values that are wrong but keep the sampled lengths at 1 (e.g. another
+image's rows, or a damaged vector between the sampled ones).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomret.features.store import finite_rows
 from anomret.memory.spill import MergedRows
 from anomret.memory.store import BankError
 
@@ -45,30 +48,45 @@ def quantize_int8(vectors: Tensor) -> tuple[Tensor, Tensor]:
 
 # How far a stored unit vector's length may be from 1: float rounding of its dtype (int8's bound is exact,
 # per vector, from its scale: see unit_vectors).
-_LENGTH_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2}
+_LENGTH_TOLERANCE = {np.dtype(np.float32): 1e-3, np.dtype(np.float16): 1e-2}
 # Vectors checked per layer when a bank is opened: this many rows, spread over the bank (first and last
 # included), a few positions each.
 SAMPLED_ROWS = 64
 SAMPLED_POSITIONS = 4
+# Vectors whose length is checked when a row is first read (every value of the row is checked finite).
+FIRST_READ_POSITIONS = 16
+# Float bit patterns: with the sign bit cleared, a value is NaN or infinite iff it is at least this.
+_NOT_FINITE = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+}
 
 
-def unit_vectors(values: Tensor, scales: Tensor | None = None) -> Tensor:
+def _numpy(array: Tensor | np.ndarray) -> np.ndarray:
+    # The checks run in numpy: on small arrays torch's thread pool costs more than the arithmetic.
+    return array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
+
+
+def unit_vectors(values: Tensor | np.ndarray, scales: Tensor | np.ndarray | None = None) -> np.ndarray:
     """Which stored vectors (last axis) are finite with length 1 up to their storage's rounding.
 
     int8 vectors ``q · s`` are off by at most ``s / 2`` per component, so their length is within
     ``√C · s / 2`` of 1; their scales must be finite and positive.
     """
-    if scales is None:
-        vectors = values.float()
-        tolerance: Tensor | float = _LENGTH_TOLERANCE.get(values.dtype, 1e-3)
-        valid = torch.ones(values.shape[:-1], dtype=torch.bool, device=values.device)
-    else:
-        scales = scales.float()
-        vectors = values.float() * scales.unsqueeze(-1)
-        tolerance = values.shape[-1] ** 0.5 * scales / 2 + 1e-3
-        valid = torch.isfinite(scales) & (scales > 0)
-    length = torch.linalg.vector_norm(vectors, dim=-1)
-    return valid & torch.isfinite(length) & ((length - 1).abs() <= tolerance)
+    values = _numpy(values)
+    vectors = values.astype(np.float32)
+    with np.errstate(all="ignore"):  # garbage overflows: its length is then infinite, and refused
+        length = np.sqrt(np.einsum("...c,...c->...", vectors, vectors))
+        if scales is None:
+            tolerance: np.ndarray | float = _LENGTH_TOLERANCE.get(values.dtype, 1e-3)
+            valid = np.ones(length.shape, dtype=bool)
+        else:
+            scales = _numpy(scales).astype(np.float32)
+            length = length * scales  # ‖q · s‖ = ‖q‖ · s for s > 0
+            tolerance = values.shape[-1] ** 0.5 * scales / 2 + 1e-3
+            valid = np.isfinite(scales) & (scales > 0)
+        # A NaN or infinite component makes the length NaN or infinite.
+        return valid & np.isfinite(length) & (np.abs(length - 1) <= tolerance)
 
 
 def encode_rows(vectors: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
@@ -130,20 +148,34 @@ class PatchRows:
         return rows
 
     def check_first_read(self, index: Tensor, values: Tensor, scales: Tensor | None = None) -> None:
-        """Check the rows of ``index`` (their ``values``, read already) not checked before; ``scales``
+        """Check the rows of ``index`` (their ``values``, read already) not checked before: every value
+        finite, and the length of :data:`FIRST_READ_POSITIONS` vectors spread over the row; ``scales``
         (int8) are read here when not given."""
         if self._checked is None:
             self._checked = torch.zeros(len(self), dtype=torch.bool)
         fresh = (~self._checked[index]).nonzero().reshape(-1)
         if fresh.numel() == 0:
             return
-        if self.scales is not None:
-            fresh_scales = scales[fresh] if scales is not None else self._take(self.scales, index[fresh])
-        else:
-            fresh_scales = None
-        sound = unit_vectors(values[fresh], fresh_scales).flatten(1).all(dim=1)
+        every = fresh.numel() == index.numel()  # no copy of the rows when all of them are new
+        fresh_values = values if every else values[fresh]
+        fresh_scales = None
+        if self.scales is not None and scales is not None:
+            fresh_scales = scales if every else scales[fresh]
+        elif self.scales is not None:
+            fresh_scales = self._take(self.scales, index[fresh])
+        h, w = fresh_values.shape[1:3]
+        cells = np.linspace(0, h * w - 1, min(h * w, FIRST_READ_POSITIONS)).round().astype(np.int64)
+        ys, xs = torch.from_numpy(cells // w), torch.from_numpy(cells % w)
+        sampled = unit_vectors(
+            fresh_values[:, ys, xs], None if fresh_scales is None else fresh_scales[:, ys, xs]
+        ).all(axis=1)
+        sound = finite_rows(fresh_values) & sampled
+        if fresh_scales is not None:
+            sound &= finite_rows(fresh_scales) & (_numpy(fresh_scales) > 0).reshape(len(sound), -1).all(
+                axis=1
+            )
         if not sound.all():
-            row = int(index[fresh[~sound][0]])
+            row = int(index[fresh[int(np.flatnonzero(~sound)[0])]])
             raise BankError(
                 f"{self.source}: the stored vectors of row {row} are not unit vectors (NaN, infinite or of "
                 "another length): the file is damaged. Fix: delete it so that it is built again "
@@ -162,16 +194,14 @@ class PatchRows:
         cells = (np.tile(spread, len(rows) // SAMPLED_POSITIONS) + rows * 7919) % (h * w)
         ys, xs = cells // w, cells % w
 
-        def pick(array: StoredArray) -> Tensor:
+        def pick(array: StoredArray) -> np.ndarray:
             if isinstance(array, Tensor):
-                return array[torch.from_numpy(rows), torch.from_numpy(ys), torch.from_numpy(xs)]
-            return torch.from_numpy(np.ascontiguousarray(array[rows, ys, xs]))  # only these vectors' pages
+                return _numpy(array[torch.from_numpy(rows), torch.from_numpy(ys), torch.from_numpy(xs)])
+            return np.ascontiguousarray(array[rows, ys, xs])  # only these vectors' pages are read
 
-        values = pick(self.values)
-        scales = None if self.scales is None else pick(self.scales)
-        sound = unit_vectors(values, scales)
+        sound = unit_vectors(pick(self.values), None if self.scales is None else pick(self.scales))
         if not sound.all():
-            bad = int(rows[int((~sound).nonzero()[0])])
+            bad = int(rows[int(np.flatnonzero(~sound)[0])])
             raise BankError(
                 f"{self.source}: {int((~sound).sum())} of {len(sound)} sampled stored vectors are not unit "
                 f"vectors (NaN, infinite or of another length; e.g. in row {bad}): the file is damaged or not "
