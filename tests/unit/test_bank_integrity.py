@@ -145,3 +145,23 @@ def test_a_damaged_row_the_sample_missed_is_named_when_it_is_first_read(tmp_path
             BankError, match=rf"memory bank {path}, layer 1: the stored vectors of row {damaged}"
         ):
             read(torch.tensor([sound[0], damaged]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda header: header["cls"].pop("data_offsets"),
+        lambda header: header["cls"].update(shape="many"),
+        lambda header: header.update(cls=[1, 2]),
+    ],
+)
+def test_a_malformed_tensor_header_is_named(tmp_path, change):
+    path = _saved(tmp_path)
+    size, header = _header(path)
+    data = path.read_bytes()
+    change(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])
+    with pytest.raises(BankError, match=rf"memory bank {path}: the header of tensor 'cls' is malformed"):
+        NormalMemoryBank.load(path)

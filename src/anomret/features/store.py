@@ -113,7 +113,6 @@ class FeatureStore:
         self.directory = Path(root) / f"{encoder_fingerprint.get('name', 'encoder')}-{self.namespace[:16]}"
         self.reads = 0
         self.writes = 0
-        self.rejected = 0  # entries found unsound (and recomputed)
         self._schema: dict[str, list[int]] | None = None  # tensor name -> shape, as this encoder gives
 
     def path(self, key: str) -> Path:
@@ -181,7 +180,6 @@ class FeatureStore:
 
     def _reject(self, path: Path, problem: str) -> None:
         log.warning("feature store entry %s is unsound: %s; recomputing it", path, problem)
-        self.rejected += 1
         return None
 
     def write(self, key: str, tensors: dict[str, Tensor]) -> None:

@@ -317,14 +317,23 @@ def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, 
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            if entry["dtype"] not in _NUMPY_DTYPES:
+            kind = entry.get("dtype") if isinstance(entry, dict) else None
+            if kind is not None and kind not in _NUMPY_DTYPES:
                 raise BankError(
-                    f"memory bank {path}: tensor {name!r} is {entry['dtype']}, which cannot be memory-mapped"
+                    f"memory bank {path}: tensor {name!r} is {kind}, which cannot be memory-mapped"
                 )
-            start, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
-            if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or offset + end > size:
+            try:
+                shape, (start, end) = tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+                size_ok = (
+                    end - start
+                    == int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_DTYPES[kind]).itemsize
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise BankError(
+                    f"memory bank {path}: the header of tensor {name!r} is malformed. {fix}"
+                ) from error
+            dtype = np.dtype(_NUMPY_DTYPES[kind])
+            if not size_ok or start < 0 or offset + end > size:
                 raise BankError(
                     f"memory bank {path}: tensor {name!r} of shape {list(shape)} does not fit its place in the "
                     f"file (bytes {start}..{end} of {size - offset}): the file is cut short or corrupt. {fix}"
