@@ -127,16 +127,21 @@ class FileLock:
         start = time.monotonic()
         told = False
         while True:
-            state = None
+            state, failure = None, None
             if leader:
                 waited = time.monotonic() - start
-                if self._try_or_skip():
-                    state = ("held", "")
-                elif timeout_s is not None and waited >= timeout_s:
-                    state = ("refused", self._refusal(waited, timeout_s))
-                else:
-                    state = ("waiting", self.holder())
+                try:
+                    if self._try_or_skip():
+                        state = ("held", "")
+                    elif timeout_s is not None and waited >= timeout_s:
+                        state = ("refused", self._refusal(waited, timeout_s))
+                    else:
+                        state = ("waiting", self.holder())
+                except OSError as error:  # e.g. no space for the lock file: the others must not wait on
+                    state, failure = ("failed", str(error)), error
             status, detail = share(state)
+            if status == "failed":
+                raise failure if failure is not None else OSError(detail)
             if status == "held":
                 self.waited_s = time.monotonic() - start
                 if told and leader:
