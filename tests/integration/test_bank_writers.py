@@ -1,12 +1,13 @@
 """Writers of one bank exclude each other, with real processes: the lock (waiting, refusal, a killed
-holder), DDP ranks that act on rank 0's reading, two `anomret.append` commands at once, and an extended
-bank that later runs reuse."""
+holder), DDP ranks that act on rank 0's reading, two `anomret.append` commands at once, a run that reuses
+the bank written while it waited, and an extended bank that later runs reuse."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -130,7 +131,9 @@ def test_ddp_ranks_share_rank_zeros_reading_and_wait_or_are_refused_together(tmp
     ]
 
 
-def _command(module: str, args: list[str], tmp_path: Path, data_dir: Path) -> subprocess.Popen:
+def _command(
+    module: str, args: list[str], tmp_path: Path, data_dir: Path, merged: bool = False
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "ANOMRET_ROOT": str(tmp_path),
@@ -143,7 +146,7 @@ def _command(module: str, args: list[str], tmp_path: Path, data_dir: Path) -> su
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
     )
 
@@ -241,3 +244,33 @@ def test_a_bank_extended_with_categories_that_sort_first_is_reused_by_later_runs
     built = run(compose_config([*later, f"memory.path={fresh}"]), fit=True)
     assert reused_identity == identity()
     assert reused.per_category == built.per_category
+
+
+@pytest.mark.slow
+def test_a_run_that_waited_for_a_writer_reuses_the_bank_it_wrote(compose_config, tmp_path, data_dir):
+    written = tmp_path / "written.safetensors"
+    run(compose_config(["+experiment=demo_rad", f"memory.path={written}"]), fit=True)
+    bank = tmp_path / "bank.safetensors"
+    writer = FileLock(bank)
+    assert writer.try_acquire()  # another run is writing this bank
+    waiting = _command(
+        "anomret.train",
+        ["+experiment=demo_rad", "logger=none", f"memory.path={bank}", f"hydra.run.dir={tmp_path / 'b'}"],
+        tmp_path,
+        data_dir,
+        merged=True,
+    )
+    lines = []
+    for line in waiting.stdout:
+        lines.append(line)
+        if "is being written by" in line:
+            break
+    assert "waiting up to 3600 s (memory.lock_timeout_s)" in lines[-1], "".join(lines[-20:])
+    shutil.copy(written, bank)  # ... and finishes it meanwhile
+    built = bank.stat().st_mtime_ns
+    writer.release()
+    rest, _ = waiting.communicate(timeout=600)
+    log = "".join(lines) + rest
+    assert waiting.returncode == 0, log[-3000:]
+    assert bank.stat().st_mtime_ns == built, "the bank that appeared while it waited is reused, not rebuilt"
+    assert f"reusing memory bank {bank}" in log and "building memory bank" not in log
