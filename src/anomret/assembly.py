@@ -36,8 +36,9 @@ from anomret.encoders.base import Encoder
 from anomret.features.store import FeatureStore
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
-from anomret.memory.cache import bank_identity, find_bank, plan_bank
+from anomret.memory.cache import bank_identity, decide_bank, plan_bank
 from anomret.memory.store import BankError, check_bank, read_bank_metadata
+from anomret.memory.writers import agreed, bank_writers_lock, start_processes
 from anomret.models.base import MethodNeeds, RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
 
@@ -530,7 +531,9 @@ def get_or_build_bank(
     """The run's bank: a matching cached (or named) one, else built by a memory pass and saved.
 
     With ``memory.append`` (kinds that support it), a named bank holding part of this run's images is
-    extended with the missing ones instead of being refused.
+    extended with the missing ones instead of being refused. The bank's writers' lock is held from reading
+    the file to opening what was decided, and rank 0's decision is every process's
+    (:mod:`anomret.memory.writers`).
     """
     store = model.extractor.store
     samples = settings.select(datamodule.aux_samples)
@@ -542,32 +545,33 @@ def get_or_build_bank(
         feature_dtype=None if store is None else store.dtype_name,
     )
     model.check_memory_size(len(samples))  # e.g. K larger than the memory: refused before any compute
-    bank = None
-    with _MemoryPasses(settings, model, datamodule, trainer, plan.metadata) as memory_pass:
-        if settings.supports_append and settings.append and plan.path.exists() and not settings.rebuild:
-            added = settings.append_missing(
-                plan.path, plan.metadata, samples, memory_pass, write=trainer.is_global_zero
-            )
-            if added:
-                # The other processes open the file once it is whole, and keep their scratch files
-                # until rank 0 has read them.
-                trainer.strategy.barrier()
-            # The user named this bank and asked to extend it: it is used as it is now (its row order may
-            # differ from a fresh build's when the new images sort before the old ones).
-            bank = settings.open(plan.path)
-            log.info("memory bank %s (append mode): %s", plan.path, bank.summary())
-        if bank is None:
-            bank = find_bank(settings, plan)
-        if bank is None:
+    start_processes(trainer)  # DDP: the processes share rank 0's reading of the bank
+    leader = trainer.is_global_zero
+    with (
+        bank_writers_lock(plan.path, settings, leader),
+        _MemoryPasses(settings, model, datamodule, trainer, plan.metadata) as memory_pass,
+    ):
+        decision = agreed(lambda: decide_bank(settings, plan, samples), leader)
+        bank = None
+        if decision.action == "append":
+            added = SampleTable([samples[position] for position in decision.missing])
+            log.info("appending %d image(s) of %s to memory bank %s", len(added), added.categories, plan.path)
+            part = memory_pass(added)
+            if leader:
+                settings.write_appended(plan.path, plan.metadata, added, part)
+        elif decision.action == "build":
+            log.info("building memory bank %s (%s)", plan.path, decision.reason)
             bank = memory_pass(samples)
-            if trainer.is_global_zero:
+            if leader:
                 bank.save(plan.path)
-            if settings.streams_build:
-                # Rank 0 has read every process's scratch files and the file is whole: every process
-                # uses the saved bank, and the scratch files go when the block ends.
-                trainer.strategy.barrier()
-                bank = settings.open(plan.path)
-            log.info("built memory bank %s: %s", plan.path, bank.summary())
+        # Every process opens the file rank 0 settled on, while the lock keeps other writers off it; kinds
+        # whose built bank reads the memory pass's scratch files (streams_build) open the saved file too.
+        trainer.strategy.barrier()
+        if bank is None or settings.streams_build:
+            bank = settings.open(plan.path)
+        trainer.strategy.barrier()
+        verb = {"reuse": "reusing", "append": "extended", "build": "built"}[decision.action]
+        log.info("%s memory bank %s: %s", verb, plan.path, bank.summary())
     return bank, bank_info(plan.path, bank)
 
 

@@ -6,12 +6,18 @@ name records host and process id, so leftovers of a killed writer are recognised
 without touching a live writer's file. Scratch directories a writer fills before producing its file
 (:func:`scratch_directory`) are named the same way and cleaned the same way. Files get the permissions the umask allows (``mkstemp`` alone
 would make them ``0600``, unreadable to colleagues on shared storage).
+
+A write that fails (a full disk, a quota, a read-only folder) is reported as a :class:`WriteError`, an
+``OSError`` whose message names the file, the reason and the fix: a bare ``write()`` error names no file,
+and safetensors reports its own I/O errors as ``SafetensorError``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -21,11 +27,66 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from safetensors import SafetensorError
+
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
 # A temporary file this old is abandoned whoever wrote it (another host's writer cannot be checked).
 STALE_AFTER_S = 24 * 3600
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it, says why and how to fix it."""
+
+    def __init__(self, code: int | None, message: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(code, message, str(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(path: str | os.PathLike[str], error: BaseException, elsewhere: str = "") -> WriteError:
+    """The :class:`WriteError` for a failed write of ``path``; ``elsewhere`` says how to write it elsewhere
+    (e.g. "set features.dir to another disk")."""
+    code = getattr(error, "errno", None)
+    if code is None:  # safetensors: "... I/O error: No space left on device (os error 28)"
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    reason = os.strerror(code) if code else str(error)
+    also = f", or {elsewhere}" if elsewhere else ""
+    if code in _FULL:
+        fix = f"free space on that disk (or raise the quota or file-size limit){also}"
+    elif code in _NOT_ALLOWED:
+        fix = f"make the folder writable{also}"
+    else:
+        fix = f"check the disk{also}"
+    number = f" [Errno {code}]" if code else ""
+    return WriteError(code, f"cannot write {path}: {reason}{number}. Fix: {fix}.", path)
+
+
+@contextmanager
+def naming_failed_writes(path: str | os.PathLike[str], elsewhere: str = "") -> Iterator[None]:
+    """Inside the block, a write error that does not name its file (``write()``'s, safetensors') becomes a
+    :class:`WriteError` naming ``path``. Its message holds the reason and error number, so the original
+    is not chained (the command line would print it as a second line)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise write_error(path, error, elsewhere) from None
+    except SafetensorError as error:
+        if "os error" not in str(error):
+            raise
+        raise write_error(path, error, elsewhere) from None
 
 
 def _umask_mode() -> int:
@@ -59,7 +120,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     """``open()`` for writing, atomically: the file appears whole when the block ends without error."""
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+    with atomic_path(path) as tmp, naming_failed_writes(path), open(tmp, mode, **kwargs) as handle:
         yield handle
 
 

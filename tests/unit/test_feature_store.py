@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 
 import pytest
 import torch
@@ -135,3 +136,85 @@ def test_two_processes_writing_and_reading_one_store_never_see_a_partial_entry(t
         assert process.exitcode == 0
     assert [queue.get(timeout=10), queue.get(timeout=10)] == [0, 0]
     assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def _stored_pass(tmp_path, n=3, dtype="fp16"):
+    """A store holding the entries of ``n`` images, written by a real pass, and what reads it."""
+    paths = _images(tmp_path, n)
+    store = FeatureStore(tmp_path / "store", FINGERPRINT, PRE, dtype)
+    dataset = AnomalyDataset(_table(paths), PRE, feature_store=store)
+    extractor = FeatureExtractor(ToyEncoder(), store)
+    reference = extractor(collate_items([dataset[i] for i in range(n)]))
+    return store, dataset, extractor, reference
+
+
+def _entry(store, dataset, i):
+    return store.path(image_key(dataset.samples[i].image_path))
+
+
+def test_swapped_entries_are_named_recomputed_and_overwritten(tmp_path, caplog):
+    store, dataset, extractor, reference = _stored_pass(tmp_path)
+    first, second = _entry(store, dataset, 0), _entry(store, dataset, 1)
+    swap = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(swap)
+    with caplog.at_level("WARNING", logger="anomret.features.store"):
+        items = [dataset[i] for i in range(3)]
+    assert ["image" in item for item in items] == [True, True, False], "both swapped entries are refused"
+    for path in (first, second):
+        assert f"feature store entry {path} is unsound: it holds the features of another image" in caplog.text
+    assert caplog.text.count("recomputing it") == 2, "one warning per bad entry"
+    again = extractor(collate_items(items))  # encodes the two images and overwrites their entries
+    torch.testing.assert_close(again.cls, reference.cls, rtol=0, atol=0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anomret.features.store"):
+        assert all("features" in dataset[i] for i in range(3)), "the next run finds every entry sound"
+    assert not caplog.text
+
+
+def _rewrite(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    tensors, metadata = change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda t, m: ({**t, "cls": t["cls"] * float("nan")}, m), "'cls' holds NaN or infinite values"),
+        (lambda t, m: ({**t, "patches.1": t["patches.1"] * float("inf")}, m), "'patches.1' holds NaN"),
+        (lambda t, m: ({**t, "patches.1": t["patches.1"][:2]}, m), "are not the .* this encoder gives"),
+        (lambda t, m: ({**t, "patches.7": t["patches.1"].clone()}, m), "are not the .* this encoder gives"),
+        (lambda t, m: ({**t, "cls": t["cls"].float()}, m), r"tensors \['cls'\] are not fp16"),
+        (lambda t, m: (t, {**m, "namespace": "0" * 64}), "written for another key or store"),
+        (lambda t, m: (t, {}), "written for another key or store"),
+    ],
+)
+def test_entries_that_are_not_what_they_claim_are_named_and_recomputed(tmp_path, caplog, change, problem):
+    store, dataset, extractor, reference = _stored_pass(tmp_path)
+    bad = _entry(store, dataset, 1)
+    _rewrite(bad, change)
+    with caplog.at_level("WARNING", logger="anomret.features.store"):
+        items = [dataset[i] for i in range(3)]
+    assert ["image" in item for item in items] == [False, True, False]
+    assert re.search(rf"feature store entry {re.escape(str(bad))} is unsound: .*{problem}", caplog.text)
+    torch.testing.assert_close(
+        extractor(collate_items(items)).patches[1], reference.patches[1], rtol=0, atol=0
+    )
+    assert store.read(image_key(dataset.samples[1].image_path)) is not None, "overwritten with a sound entry"
+
+
+def test_workers_of_a_data_loader_recompute_a_bad_entry(tmp_path):
+    from torch.utils.data import DataLoader
+
+    store, dataset, extractor, reference = _stored_pass(tmp_path, n=4)
+    _rewrite(_entry(store, dataset, 2), lambda t, m: ({**t, "cls": t["cls"] * float("nan")}, m))
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_items)
+    (batch,) = list(loader)
+    assert batch.fresh.tolist() == [2] and batch.cached.tolist() == [0, 1, 3]
+    torch.testing.assert_close(extractor(batch).cls, reference.cls, rtol=0, atol=0)

@@ -55,6 +55,7 @@ LAYERS: dict[str, int] = {
     "plugins": 0,
     "viz": 0,
     "tables": 0,
+    "locks": 0,
 }
 
 ROOT = Path(anomret.__file__).parent

@@ -53,13 +53,16 @@ class SourceSpec:
             values["categories"] = (categories,) if isinstance(categories, str) else tuple(categories)
         return cls(**values)
 
-    def load(self) -> SampleTable:
+    def load(self, evaluated: bool = False) -> SampleTable:
+        """The samples; ``evaluated``: the run scores them, so a split without anomalous images (whose
+        metrics are undefined) is named before any compute."""
         return load_source(
             self.name,
             self.root,
             split=self.split,
             categories=None if self.categories is None else list(self.categories),
             require_masks=self.require_masks,
+            evaluated=evaluated,
         )
 
     def describe(self, samples: SampleTable) -> str:
@@ -149,7 +152,7 @@ class AnomalyDataModule(LightningDataModule):
             self.aux_samples = self.aux_spec.load()
             log.info("memory/training source: %s", self.aux_spec.describe(self.aux_samples))
         if stage in ("test", "predict", None) and self.test_samples is None:
-            self.test_samples = self.dataset_spec.load()
+            self.test_samples = self.dataset_spec.load(evaluated=True)
             log.info("evaluation source: %s", self.dataset_spec.describe(self.test_samples))
 
     def _dataset(self, samples: SampleTable) -> AnomalyDataset:

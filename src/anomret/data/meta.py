@@ -6,18 +6,24 @@ Layout of ``<root>/meta.json``::
 
 with records ``{"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}``. Paths are relative
 to ``root`` (root-prefixed paths, as some published scripts write them, are accepted too);
-``mask_path`` is ``""`` for normal images and for datasets without pixel masks.
+``mask_path`` is ``""`` for normal images and for datasets without pixel masks. Records that point
+outside the root (``../``, absolute paths) are read as they are, with one warning: an index copied from
+elsewhere often does that by mistake.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from anomret.data.errors import DataError, InvalidSampleError, SplitNotFoundError
 from anomret.data.samples import Sample, SampleTable
 from anomret.files import atomic_open
+
+log = logging.getLogger(__name__)
 
 META_FILENAME = "meta.json"
 SPLITS = ("train", "test")
@@ -156,4 +162,29 @@ def read_meta_json(
     for category in wanted:
         for position, record in enumerate(per_category.get(category) or []):
             samples.append(_sample(root, root / filename, split, category, position, record, source))
+    _warn_outside(root, root / filename, split, samples)
     return SampleTable(samples)
+
+
+def _warn_outside(root: Path, meta_path: Path, split: str, samples: list[Sample]) -> None:
+    prefix = os.path.join(str(root), "")
+
+    def outside(path: Path) -> bool:
+        # Inside by the path as written (``..`` collapsed; the root may link to its data), or by where an
+        # absolute path's links lead (it may name the root through another link).
+        return not os.path.normpath(path).startswith(prefix) and not str(path.resolve()).startswith(prefix)
+
+    outside_root = [
+        path for sample in samples for path in (sample.image_path, sample.mask_path) if path and outside(path)
+    ]
+    if outside_root:
+        log.warning(
+            "%s: %d file(s) of the '%s' split lie outside the dataset root %s (e.g. %s); they are read as "
+            "they are. If that is not intended, correct the paths in meta.json (relative to the root) or "
+            "re-index the dataset with python -m anomret.prepare NAME ROOT --force.",
+            meta_path,
+            len(outside_root),
+            split,
+            root,
+            outside_root[0],
+        )

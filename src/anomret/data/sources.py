@@ -45,6 +45,7 @@ def load_source(
     require_masks: bool | None = None,
     source: str | None = None,
     validate: bool = True,
+    evaluated: bool = False,
 ) -> SampleTable:
     """Read one split of a dataset into a ``SampleTable``, checked before any compute.
 
@@ -58,6 +59,8 @@ def load_source(
             ``has_masks`` (False for image-level sets such as headct), True for user datasets.
         source: the ``Sample.source`` tag; defaults to the dataset name (canonical for known ones).
         validate: check that files exist and that masks match their images' sizes (header reads).
+        evaluated: the run scores these images; categories without both normal and anomalous images,
+            whose detection metrics are undefined, are named in a warning (:func:`warn_if_unscorable`).
 
     Raises:
         DatasetNotFoundError: ROOT or its meta.json is missing (the message gives the command).
@@ -99,7 +102,39 @@ def load_source(
             label,
             anomalous,
         )
+    if evaluated:
+        warn_if_unscorable(table, label, split)
     return table
+
+
+def warn_if_unscorable(samples: SampleTable, label: str, split: str) -> list[str]:
+    """Warn, before any compute, about the categories of an evaluation set that lack normal or anomalous
+    images: AUROC, AP, F1 and PRO are undefined there (the results show '–'). Returns those categories."""
+    lacking = {
+        category: [kind for kind, value in (("anomalous", 1), ("normal", 0)) if not table.count(value)]
+        for category, table in samples.by_category().items()
+    }
+    lacking = {category: kinds for category, kinds in lacking.items() if kinds}
+    if lacking:
+        kinds = sorted({kind for missing in lacking.values() for kind in missing})
+        if len(lacking) == len(samples.categories) and len(kinds) == 1:
+            what = f"no category has {kinds[0]} images"
+        else:
+            what = f"categories {list(lacking)} lack {' or '.join(kinds)} images"
+        fix = (
+            "evaluate on the test split (dataset.split=test): a train split holds normal images only"
+            if split == "train"
+            else "add images of both kinds to those categories, or leave them out (dataset.categories=[...])"
+        )
+        log.warning(
+            "%s [%s]: %s, so their detection metrics (AUROC, AP, F1, PRO) are undefined and show as '–'. "
+            "Fix: %s.",
+            label,
+            split,
+            what,
+            fix,
+        )
+    return list(lacking)
 
 
 def _check_root(label: str, root: Path, spec: DatasetSpec | None) -> None:

@@ -15,7 +15,7 @@ kind only says what it stores.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from anomret.data.batch import Batch
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder, Features
+from anomret.memory.store import data_fingerprint
 
 
 @runtime_checkable
@@ -68,6 +69,9 @@ class MemorySettings:
         rebuild: build again even when a matching bank exists (and replace an explicit ``path``).
         source: where the memory images come from: ``aux`` (the ``aux_dataset`` as configured, MRAD) or
             ``train`` (the evaluation dataset's own train split, RAD).
+        lock_timeout_s: how long a run that must write the bank (build or extend it) waits for another
+            run writing the same file, in seconds (``None``: as long as it takes; ``0``: it is refused at
+            once). See :mod:`anomret.locks`.
     """
 
     kind: ClassVar[str] = ""
@@ -75,15 +79,35 @@ class MemorySettings:
     cache_dir: str = ".cache/banks"
     rebuild: bool = False
     source: str = "aux"
+    lock_timeout_s: float | None = 3600.0
     # True when the bank a builder returns reads its rows from the builder's scratch files (bounded
     # building): the saved file replaces it on every process, and the builders are closed.
     streams_build: ClassVar[bool] = False
     # True for kinds whose banks can take new images without a rebuild (memory.append, anomret.append).
     supports_append: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        timeout = self.lock_timeout_s
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
+            raise ValueError(
+                f"memory.lock_timeout_s must be a number of seconds ≥ 0 or null (no limit), got {timeout!r}"
+            )
+
     def build_settings(self, encoder: Encoder) -> dict[str, Any]:
         """The settings that change a bank's content (recorded in its metadata and cache key)."""
         raise NotImplementedError
+
+    def data_fingerprint(self, samples: SampleTable) -> dict[str, Any]:
+        """Identity of the images a bank is built from (in order: a kind whose banks depend on the order of
+        their rows, e.g. by subsampling them, keeps it)."""
+        return data_fingerprint(samples)
+
+    def stored_build(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The build settings (``data`` included) a stored bank's metadata stands for, to compare with
+        this run's."""
+        return dict(metadata.get("build", {}))
 
     def builder(self, encoder: Encoder) -> BankBuilder:
         raise NotImplementedError
@@ -103,15 +127,15 @@ class MemorySettings:
         """Extra metadata recorded with a bank built from ``samples`` (e.g. which image each row is)."""
         return {}
 
-    def append_missing(
-        self,
-        path: Path,
-        metadata: dict[str, Any],
-        samples: SampleTable,
-        encode: Callable[[SampleTable], MemoryBank],
-        *,
-        write: bool = True,
-    ) -> SampleTable:
-        """Extend the bank at ``path`` with the images of ``samples`` it lacks (``supports_append`` kinds);
-        ``encode`` runs a memory pass over some samples. Returns the images added."""
+    def missing_images(self, path: Path, metadata: dict[str, Any], samples: SampleTable) -> list[int]:
+        """Positions of the ``samples`` the bank at ``path`` lacks (``supports_append`` kinds); raises
+        :class:`~anomret.memory.store.BankError` for a bank that cannot take them (another encoder, kind or
+        settings, or images changed on disk). ``metadata`` is what this run would build."""
+        raise NotImplementedError(f"memory={self.kind} banks cannot be appended to")
+
+    def write_appended(
+        self, path: Path, metadata: dict[str, Any], added: SampleTable, part: MemoryBank
+    ) -> None:
+        """Rewrite the bank at ``path`` with the rows of ``part`` (a memory pass over ``added``, the images
+        :meth:`missing_images` named) after its own."""
         raise NotImplementedError(f"memory={self.kind} banks cannot be appended to")

@@ -286,6 +286,7 @@ class LabeledMemorySettings(MemorySettings):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         integer_at_least(self.max_image_entries, "memory.max_image_entries", 1, none="keep everything")
         integer_at_least(self.max_patch_entries, "memory.max_patch_entries", 1, none="keep everything")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -2,15 +2,21 @@
 
 The bank is :class:`~anomret.memory.normal_bank.NormalMemoryBank`, built by
 :class:`~anomret.memory.normal_builder.NormalBankBuilder`. A bank built from some categories can be
-extended with the normal images of new ones (:meth:`NormalMemorySettings.append_missing`): only the new
-images are encoded, and the result has the same rows and fingerprint as a bank built from all of them at
-once (the paper's incremental onboarding).
+extended with the normal images of new ones (:meth:`NormalMemorySettings.missing_images`,
+:meth:`NormalMemorySettings.write_appended`): only the new images are encoded (the paper's incremental
+onboarding).
+
+RAD scores a query against the set of memory images, whatever their order, so a bank's data identity is
+the set of its images (:func:`image_set_fingerprint`): an extended bank, whose new rows follow the old
+ones, is the bank a build from the same images gives, whichever order the categories are listed in, and
+later runs that name it reuse it. A stored bank's identity is computed from its image records, not taken
+from the digest it stores.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +39,11 @@ from anomret.memory.store import (
 
 log = logging.getLogger(__name__)
 
-# Stored rows: in memory, memory-mapped from a bank file, or read from a memory pass's scratch files.
+
+def image_set_fingerprint(rows: list[list[Any]]) -> dict[str, Any]:
+    """The data fingerprint of the images of :func:`~anomret.memory.store.sample_rows` ``rows``, in any
+    order (JSON round trips keep it unchanged)."""
+    return fingerprint_of_rows(sorted(rows, key=lambda row: json.dumps(row, default=str)))
 
 
 @dataclass
@@ -68,6 +78,7 @@ class NormalMemorySettings(MemorySettings):
     supports_append: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source not in ("train", "aux"):
             raise ValueError(f"memory.source must be 'train' or 'aux', got {self.source!r}")
         if self.dtype not in STORAGE_DTYPES:
@@ -120,6 +131,16 @@ class NormalMemorySettings(MemorySettings):
     def describe_source(self, samples: SampleTable) -> dict[str, Any]:
         return {"images": sample_rows(samples)}
 
+    def data_fingerprint(self, samples: SampleTable) -> dict[str, Any]:
+        return image_set_fingerprint(sample_rows(samples))
+
+    def stored_build(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        build = dict(metadata.get("build", {}))
+        images = metadata.get("images")
+        if isinstance(images, list):  # what the rows are, not what a digest says (banks of any version)
+            build["data"] = image_set_fingerprint(images)
+        return build
+
     # The built bank reads its rows from the builders' scratch files: the pipeline saves it, then every
     # process opens the saved file and closes its builder.
     streams_build: ClassVar[bool] = True
@@ -135,22 +156,12 @@ class NormalMemorySettings(MemorySettings):
     def open(self, path: str | Path) -> NormalMemoryBank:
         return NormalMemoryBank.load(path, mmap=self.mmap)
 
-    def append_missing(
-        self,
-        path: Path,
-        metadata: dict[str, Any],
-        samples: SampleTable,
-        encode: Callable[[SampleTable], NormalMemoryBank],
-        *,
-        write: bool = True,
-    ) -> SampleTable:
-        """Extend the bank at ``path`` with the images of ``samples`` it lacks; returns the images added.
+    def missing_images(self, path: Path, metadata: dict[str, Any], samples: SampleTable) -> list[int]:
+        """Positions of the ``samples`` the bank at ``path`` lacks.
 
-        ``metadata`` is what this run would build (kind, source, encoder, build settings); ``encode`` runs
-        the memory pass over some samples (every process of a DDP run calls this; only the one with
-        ``write`` rewrites the file). The extended bank keeps the old rows, then the new ones, and records
-        the data fingerprint of all its images, so it equals a bank built from them in that order.
-        Raises :class:`BankError` for a bank of another encoder, kind or settings, or whose images changed.
+        ``metadata`` is what this run would build (kind, source, encoder, build settings). Raises
+        :class:`BankError` for a bank of another encoder, kind or settings, or whose images changed.
+        Read under the bank's writers' lock, so that the write that follows extends this very state.
         """
         stored = read_bank_metadata(path)
         if stored.get("kind") != self.kind:
@@ -166,8 +177,7 @@ class NormalMemorySettings(MemorySettings):
                 f"cannot append to {path}: it was built with other {', '.join(changed)}. Fix: use the settings it "
                 "was built with, or build a new bank (another memory.path)."
             )
-        old_rows = stored.get("images") or []
-        by_path = {row[0]: row for row in old_rows}
+        by_path = {row[0]: row for row in stored.get("images") or []}
         rows = sample_rows(samples)
         changed_images = [row[0] for row in rows if row[0] in by_path and by_path[row[0]] != row]
         if changed_images:
@@ -175,14 +185,23 @@ class NormalMemorySettings(MemorySettings):
                 f"cannot append to {path}: {len(changed_images)} of its images changed on disk since it was built "
                 f"(e.g. {changed_images[0]}). Fix: memory.rebuild=true to build it again."
             )
-        missing = SampleTable([s for s, row in zip(samples, rows, strict=True) if row[0] not in by_path])
-        if not missing:
-            return missing
-        log.info("appending %d image(s) of %s to memory bank %s", len(missing), missing.categories, path)
-        part = encode(missing)
-        if write:
-            all_rows = old_rows + sample_rows(missing)
-            build = {**metadata["build"], "data": fingerprint_of_rows(all_rows)}
-            old = NormalMemoryBank.load(path, mmap=True)
-            write_concatenated(path, old, part, {**metadata, "build": build, "images": all_rows})
-        return missing
+        return [position for position, row in enumerate(rows) if row[0] not in by_path]
+
+    def write_appended(
+        self, path: Path, metadata: dict[str, Any], added: SampleTable, part: NormalMemoryBank
+    ) -> None:
+        """Rewrite the bank at ``path`` as its rows, then those of ``part`` (the memory pass over ``added``).
+
+        The old rows and their records are read from one open file, the one this writes over; the result
+        records the images of both and the fingerprint of their set.
+        """
+        old = NormalMemoryBank.load(path, mmap=True)
+        known = {row[0] for row in old.metadata.get("images") or []}
+        again = [row[0] for row in sample_rows(added) if row[0] in known]
+        if again:
+            raise BankError(
+                f"cannot append to {path}: it holds {again[0]} already (it changed since its images were read)"
+            )
+        all_rows = list(old.metadata.get("images") or []) + sample_rows(added)
+        build = {**metadata["build"], "data": image_set_fingerprint(all_rows)}
+        write_concatenated(path, old, part, {**metadata, "build": build, "images": all_rows})

@@ -12,11 +12,16 @@ The file is an ordinary anomret bank (:mod:`anomret.memory.store`: safetensors, 
 writes). Loaded with ``mmap`` (the default), only ``cls`` and ``category`` are read; the patch grids
 stay on disk and retrieval reads the rows of the K retrieved images only, so the bank need fit in
 neither RAM nor GPU memory.
+
+Opening a bank checks that it is what it claims: as many rows as image records, each row's category
+that of its record, each image once, unit-length global keys, and a spread sample of the patch vectors
+(:meth:`~anomret.memory.rows.PatchRows.check_sample`; each patch row is checked whole when it is first read).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomret.memory.rows import STORAGE_DTYPES, ArrayDescription, PatchRows, row_pieces
+from anomret.memory.rows import STORAGE_DTYPES, ArrayDescription, PatchRows, row_pieces, unit_vectors
 from anomret.memory.store import (
     BankError,
     StreamedTensor,
     TensorSpec,
     load_bank,
-    open_memmap,
-    read_bank_metadata,
+    open_bank_memmap,
     save_bank_streaming,
     validate_tensors,
 )
@@ -145,8 +149,16 @@ class NormalMemoryBank:
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> NormalMemoryBank:
-        """Open a bank file; with ``mmap`` the patch grids stay on disk and are read row by row."""
-        metadata = read_bank_metadata(path)
+        """Open a bank file; with ``mmap`` the patch grids stay on disk and are read row by row.
+
+        Refuses (naming the file) a bank whose tensors, records or sampled rows are not sound: see the
+        module docstring.
+        """
+        tensors: Mapping[str, Any]
+        if mmap:
+            tensors, metadata = open_bank_memmap(path)  # rows and metadata of one file
+        else:
+            tensors, metadata = load_bank(path)
         if metadata.get("kind") != cls.kind:
             raise BankError(
                 f"{path} holds a '{metadata.get('kind')}' bank, not a RAD normal-image bank: it was built for "
@@ -158,22 +170,69 @@ class NormalMemoryBank:
             raise BankError(
                 f"memory bank {path} does not record its layers and dtype. Delete it to rebuild it."
             )
-        tensors: Mapping[str, Any]
-        if mmap:
-            tensors = open_memmap(path)
-        else:
-            tensors, _ = load_bank(path)
         validate_tensors(
             path, {name: ArrayDescription.of(t) for name, t in tensors.items()}, _tensor_spec(layers, dtype)
         )
         small = {name: torch.as_tensor(np.array(tensors[name])) for name in ("cls", "category")}
-        if not torch.isfinite(small["cls"]).all():
-            raise BankError(f"memory bank {path}: tensor 'cls' contains NaN or infinite values. Delete it.")
+        cls_keys, category = small["cls"].float(), small["category"].long()
+        if not unit_vectors(cls_keys).all():
+            raise BankError(
+                f"memory bank {path}: tensor 'cls' holds NaN, infinite or non-unit global keys: the file is "
+                "damaged. Fix: delete it so that it is built again (memory.rebuild=true)."
+            )
+        check_records(path, category, metadata)
         patches = {
-            layer: PatchRows(tensors[f"patches.{layer}"], tensors.get(f"scales.{layer}")) for layer in layers
+            layer: PatchRows(
+                tensors[f"patches.{layer}"],
+                tensors.get(f"scales.{layer}"),
+                f"memory bank {path}, layer {layer}",
+            )
+            for layer in layers
         }
+        for rows in patches.values():
+            rows.check_sample()
         metadata = {k: v for k, v in metadata.items() if k not in ("kind", "format_version")}
-        return cls(small["cls"].float(), small["category"].long(), patches, metadata)
+        return cls(cls_keys, category, patches, metadata)
+
+
+def check_records(path: str | Path, category: Tensor, metadata: Mapping[str, Any]) -> None:
+    """Refuse a bank whose rows and metadata disagree: row count against image records, each row's
+    category against its record's, an image recorded twice. Banks without records are checked for
+    their category indices only."""
+    fix = "Fix: delete it so that it is built again (memory.rebuild=true)."
+    categories = metadata.get("categories")
+    n = int(category.numel())
+    if not isinstance(categories, list) or (n and not categories):
+        raise BankError(f"memory bank {path} does not list the categories of its rows. {fix}")
+    if n and (int(category.min()) < 0 or int(category.max()) >= len(categories)):
+        raise BankError(
+            f"memory bank {path}: its 'category' tensor holds indices outside its {len(categories)} "
+            f"categories. {fix}"
+        )
+    images = metadata.get("images")
+    if images is None:
+        return
+    if not isinstance(images, list) or len(images) != n:
+        count = len(images) if isinstance(images, list) else "no list of"
+        raise BankError(
+            f"memory bank {path} holds {n} rows but its metadata records {count} images: rows and records "
+            f"disagree (two writers were not excluded, or the file is damaged). {fix}"
+        )
+    try:
+        names = [categories[i] for i in category.tolist()]
+        wrong = [i for i, (record, name) in enumerate(zip(images, names, strict=True)) if record[1] != name]
+        paths = [record[0] for record in images]
+    except (TypeError, IndexError, KeyError) as error:
+        raise BankError(f"memory bank {path}: its image records are malformed ({error}). {fix}") from error
+    if wrong:
+        first = wrong[0]
+        raise BankError(
+            f"memory bank {path}: {len(wrong)} rows disagree with their records (e.g. row {first} is a "
+            f"'{names[first]}' row but its record is {paths[first]} of '{images[first][1]}'). {fix}"
+        )
+    if len(set(paths)) != n:
+        twice = next(image for image, count in Counter(paths).items() if count > 1)
+        raise BankError(f"memory bank {path} holds image {twice} more than once. {fix}")
 
 
 def write_concatenated(

@@ -3,13 +3,15 @@
 A bank file holds plain tensors plus metadata under the ``anomret`` key: the encoder fingerprint,
 the data fingerprint, the config that built it and a format version. Nothing is ever unpickled.
 Writes go to a temporary file that is renamed into place, so a killed build never leaves a file
-that looks complete.
+that looks complete. Reading checks what the file claims before trusting it: metadata that is not
+JSON, or of a format version this anomret does not know, is refused with the file's name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,17 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from anomret.data.samples import Sample
-from anomret.files import atomic_path, remove_stale_temporaries
+from anomret.files import atomic_path, naming_failed_writes, remove_stale_temporaries
 from anomret.fingerprint import digest
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "anomret"
+# How a failed bank write says where else the bank can go.
+_ELSEWHERE = "set memory.path (or memory.cache_dir) to another disk"
 
 
 class BankError(RuntimeError):
@@ -84,7 +88,7 @@ def save_bank(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, 
     path = Path(path)
     remove_stale_temporaries(path.parent)
     header = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **metadata}, default=str)}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, naming_failed_writes(path, _ELSEWHERE):
         save_file(
             {name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=header
         )
@@ -137,8 +141,9 @@ def save_bank_streaming(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
+        with naming_failed_writes(path, _ELSEWHERE):
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
         for name, tensor in tensors.items():
             written, rows = 0, 0
             for piece in tensor.pieces():
@@ -147,7 +152,8 @@ def save_bank_streaming(
                         f"{name}: piece {piece.dtype} {tuple(piece.shape)} does not fit {tensor}"
                     )
                 data = memoryview(piece.detach().cpu().contiguous().numpy()).cast("B")  # no copy
-                handle.write(data)
+                with naming_failed_writes(path, _ELSEWHERE):
+                    handle.write(data)
                 written += data.nbytes
                 rows += piece.shape[0]
             start, end = header[name]["data_offsets"]
@@ -174,7 +180,27 @@ def read_bank_metadata(path: str | Path) -> dict[str, Any]:
         ) from error
     if METADATA_KEY not in header:
         raise BankError(f"{path} is a safetensors file but not an anomret memory bank (no metadata).")
-    return json.loads(header[METADATA_KEY])
+    return parse_metadata(path, header[METADATA_KEY])
+
+
+def parse_metadata(path: str | Path, text: str) -> dict[str, Any]:
+    """A bank's metadata from its header text, refused (naming the file) when it is not a JSON object of
+    a format version this anomret reads."""
+    fix = "Fix: delete the file so that it is built again, or point memory.path at a bank written by anomret."
+    try:
+        metadata = json.loads(text)
+    except ValueError as error:
+        raise BankError(f"memory bank {path}: its metadata is not valid JSON ({error}). {fix}") from error
+    if not isinstance(metadata, dict):
+        raise BankError(f"memory bank {path}: its metadata is not a JSON object. {fix}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BankError(
+            f"memory bank {path} has format version {version!r}, but this anomret reads version "
+            f"{FORMAT_VERSION} only. Fix: use the anomret version that wrote it, or delete the file so that "
+            "this one builds it again."
+        )
+    return metadata
 
 
 @dataclass(frozen=True)
@@ -235,10 +261,12 @@ def validate_tensors(
 
 
 def load_bank(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a whole bank into CPU memory (small banks)."""
-    metadata = read_bank_metadata(path)
+    """Read a whole bank into CPU memory (small banks); tensors and metadata come from one open file."""
+    read_bank_metadata(path)  # names a missing, foreign or unknown-version file
     try:
-        return load_file(str(path), device="cpu"), metadata
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = parse_metadata(path, (handle.metadata() or {}).get(METADATA_KEY, "null"))
+            return {name: handle.get_tensor(name) for name in handle.keys()}, metadata  # noqa: SIM118
     except (SafetensorError, OSError) as error:
         raise BankError(
             f"{path} is not a readable memory bank ({error}). Delete it to rebuild it."
@@ -261,28 +289,61 @@ def open_memmap(path: str | Path) -> dict[str, np.memmap]:
     Indexing a map reads only the rows asked for (the page cache does the rest), so banks larger than
     RAM or GPU memory can be used. Tensors must be of a dtype numpy knows (not bf16).
     """
+    return open_bank_memmap(path)[0]
+
+
+def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, Any]]:
+    """:func:`open_memmap` and the bank's metadata, both from one open file: a bank replaced meanwhile
+    (renamed over by a writer) can never give the rows of one file and the metadata of another."""
     path = Path(path)
-    with path.open("rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    offset = 8 + header_size
-    maps = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _NUMPY_DTYPES:
-            raise BankError(
-                f"memory bank {path}: tensor {name!r} is {entry['dtype']}, which cannot be memory-mapped"
-            )
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end == start:
-            maps[name] = np.zeros(shape, dtype=_NUMPY_DTYPES[entry["dtype"]])
-            continue
-        maps[name] = np.memmap(
-            path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=offset + start, shape=shape
-        )
-    return maps
+    fix = "Fix: delete it so that it is built again, or point memory.path at a bank written by anomret."
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        read_bank_metadata(path)  # its message says where banks come from
+        raise
+    with handle:
+        try:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+            size = os.fstat(handle.fileno()).st_size
+        except (struct.error, ValueError, OSError) as error:
+            raise BankError(f"{path} is not a readable memory bank ({error}). {fix}") from error
+        if not isinstance(header, dict) or METADATA_KEY not in (header.get("__metadata__") or {}):
+            raise BankError(f"{path} is a safetensors file but not an anomret memory bank (no metadata).")
+        metadata = parse_metadata(path, header["__metadata__"][METADATA_KEY])
+        offset = 8 + header_size
+        maps = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            kind = entry.get("dtype") if isinstance(entry, dict) else None
+            if kind is not None and kind not in _NUMPY_DTYPES:
+                raise BankError(
+                    f"memory bank {path}: tensor {name!r} is {kind}, which cannot be memory-mapped"
+                )
+            try:
+                shape, (start, end) = tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+                size_ok = (
+                    end - start
+                    == int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_DTYPES[kind]).itemsize
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise BankError(
+                    f"memory bank {path}: the header of tensor {name!r} is malformed. {fix}"
+                ) from error
+            dtype = np.dtype(_NUMPY_DTYPES[kind])
+            if not size_ok or start < 0 or offset + end > size:
+                raise BankError(
+                    f"memory bank {path}: tensor {name!r} of shape {list(shape)} does not fit its place in the "
+                    f"file (bytes {start}..{end} of {size - offset}): the file is cut short or corrupt. {fix}"
+                )
+            if end == start:
+                maps[name] = np.zeros(shape, dtype=dtype)
+                continue
+            # Mapped through this handle: the maps keep its file, whatever is renamed over the path later.
+            maps[name] = np.memmap(handle, dtype=dtype, mode="r", offset=offset + start, shape=shape)
+    return maps, metadata
 
 
 class BankStatus(Enum):
@@ -297,19 +358,23 @@ class BankCheck:
     reason: str = ""
 
 
-def check_bank(path: str | Path, encoder: dict[str, Any], build: dict[str, Any]) -> BankCheck:
+def check_bank(
+    path: str | Path,
+    encoder: dict[str, Any],
+    build: dict[str, Any],
+    stored_build: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> BankCheck:
     """Compare a bank file with what this run would build.
 
     Returns MISSING (no file), MATCH (reuse it) or STALE (same encoder, other data or settings:
     rebuild it). Raises :class:`BankError` when the file belongs to another encoder: its features
     live in another space, and silently overwriting a bank someone pointed us at loses work.
+    ``stored_build`` gives the build settings the file's metadata stands for (by default, as recorded).
     """
     path = Path(path)
     if not path.exists():
         return BankCheck(BankStatus.MISSING)
-    metadata = read_bank_metadata(path)
-    if metadata.get("format_version") != FORMAT_VERSION:
-        return BankCheck(BankStatus.STALE, f"format version {metadata.get('format_version')}")
+    metadata = read_bank_metadata(path)  # refuses unknown format versions
     stored_encoder = metadata.get("encoder", {})
     if digest(stored_encoder) != digest(encoder):
         differences = sorted(
@@ -321,8 +386,8 @@ def check_bank(path: str | Path, encoder: dict[str, Any], build: dict[str, Any])
             f"({encoder.get('name', '?')}). Its features are not comparable. Use memory.path to point at a "
             "bank built by this encoder, leave memory.path unset to cache banks per encoder, or delete the file."
         )
-    if digest(metadata.get("build", {})) != digest(build):
-        stored = metadata.get("build", {})
+    stored = stored_build(metadata) if stored_build is not None else metadata.get("build", {})
+    if digest(stored) != digest(build):
         changed = sorted(k for k in set(stored) | set(build) if stored.get(k) != build.get(k))
         return BankCheck(BankStatus.STALE, f"built with other {', '.join(changed)}")
     return BankCheck(BankStatus.MATCH)

@@ -71,7 +71,14 @@ class DatasetSpec:
         """A :class:`LayoutError` saying what was found, what was expected and where to get it."""
         hint = ""
         children = subdirs(root)
-        if len(children) == 1 and not list_images(root):
+        own = [child.name for child in mvtec_style_dirs(root)] if self.name != "folder" else []
+        if own:
+            # Categories of one's own in MVTec layout: the generic reader indexes them, whatever their names.
+            hint = (
+                f"Note: {root} holds MVTec-style category folders ({', '.join(own[:5])}); if they are your own "
+                f"categories, index them with: python -m anomret.prepare folder {shlex.quote(str(root))}\n"
+            )
+        elif len(children) == 1 and not list_images(root):
             # A frequent slip: ROOT is the folder the archive was extracted into, one level too high.
             hint = f"Note: {root} holds a single folder, {children[0].name}/; is that the dataset root?\n"
         return LayoutError(
