@@ -1,8 +1,9 @@
 """What the entry points run, once the assembly has built the parts: the order of the steps and the outputs.
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
-``results.json``, ``results.csv`` (per category and mean), ``artifacts.json`` (bank, checkpoint and
-feature store used), ``overlays/``, ``checkpoints/`` (methods that train) and the logger files. The parts
+``results.json``, ``results.csv`` (per category and mean), ``artifacts.json`` (bank, checkpoint, feature
+store and thresholds used), ``overlays/``, ``checkpoints/`` (methods that train), with a ``calibration=``
+also ``thresholds.json`` and ``predictions.csv`` (the decision on every test image), and the logger files. The parts
 themselves (encoder, store, model, data, checkpoint, bank) come from :mod:`anomret.assembly`.
 """
 
@@ -24,6 +25,9 @@ from anomret.assembly import Assembly, Purpose, check_config, instantiate_all
 from anomret.callbacks import PredictionWriter
 from anomret.checks import integer_at_least
 from anomret.data.folder import image_folder_samples, input_base, readable_samples
+from anomret.decisions.calibration import calibrate
+from anomret.decisions.record import ANOMALOUS
+from anomret.decisions.writers import EvaluationDecisionWriter
 from anomret.files import write_text_atomic
 from anomret.launch import DistributedJob, use_job_command_for_ddp
 from anomret.metrics.results import EvaluationResult
@@ -54,13 +58,18 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = parts.datamodule()  # every source is read and checked before any compute
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = parts.trainer(loggers, instantiate_all(cfg.get("callbacks")))
+    decisions = EvaluationDecisionWriter(output_dir)
+    trainer = parts.trainer(loggers, [*instantiate_all(cfg.get("callbacks")), decisions])
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         info = parts.attach_memory(trainer, datamodule)
         checkpoint_file = parts.fit_or_restore(trainer, datamodule)
         model = parts.model
+        thresholds = calibrate(parts, trainer, datamodule.test_samples)
+        if thresholds is not None:
+            model.evaluation.evaluator.set_thresholds(thresholds.image, thresholds.pixel)
+            decisions.thresholds = thresholds
         log.info("scoring the %s test images of %s", len(datamodule.test_samples or []), cfg.dataset.name)
         # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -69,13 +78,18 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
         result = model.test_results
         log.info("features: %s", model.extractor.describe())
         result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
+        if thresholds is not None:
+            result.settings["thresholds"] = thresholds.to_dict()
         if trainer.is_global_zero:
             artifacts = {
                 "bank": info["path"],
                 "bank_identity": info["identity"],
                 "checkpoint": None if checkpoint_file is None else str(Path(checkpoint_file).resolve()),
                 "features": None if parts.store is None else str(Path(parts.store.directory).resolve()),
+                "thresholds": None,
             }
+            if thresholds is not None:
+                artifacts["thresholds"] = str(thresholds.save(output_dir / "thresholds.json").resolve())
             write_outputs(result, output_dir, loggers, artifacts)
             console = Console(
                 width=max(Console().width, 120)
@@ -148,14 +162,26 @@ def predict(cfg: DictConfig) -> Path:
     )
     progress = [c for c in instantiate_all(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
     trainer = parts.trainer([], [writer, *progress])
+    writer.thresholds = calibrate(parts, trainer)
+    if writer.thresholds is None:
+        log.info(
+            "no thresholds: scores only (no labels or masks). A model package (package=DIR) or "
+            "calibration.thresholds=RUN/thresholds.json gives decisions"
+        )
     log.info("predicting %d images from %s", len(samples), cfg.input)
     trainer.predict(parts.model, dataloaders=loader, return_predictions=False)
 
-    table = Table(title=f"highest image scores of {len(writer.rows)} (all in predictions.csv)")
-    for column in ("image", "image_score"):
+    title = f"highest image scores of {len(writer.rows)} (all in predictions.csv)"
+    if writer.thresholds is not None:
+        flagged = sum(row["label"] == ANOMALOUS for row in writer.rows)
+        title += f"; {flagged} anomalous at threshold {writer.thresholds.image:.6g}"
+    table = Table(title=title)
+    columns = ("image", "image_score", *(("label",) if writer.thresholds is not None else ()))
+    for column in columns:
         table.add_column(column, justify="right" if column == "image_score" else "left")
     for row in sorted(writer.rows, key=lambda r: r["image_score"], reverse=True)[: cfg.get("show_top", 10)]:
-        table.add_row(writer.relative(row["image_path"]), f"{row['image_score']:.4f}")
+        cells = [writer.relative(row["image_path"]), f"{row['image_score']:.4f}"]
+        table.add_row(*cells, *((row["label"],) if writer.thresholds is not None else ()))
     Console(width=max(Console().width, 120)).print(table)
     log.info("predictions written to %s", output_dir)
     return output_dir / "predictions.csv"

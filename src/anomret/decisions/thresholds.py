@@ -105,8 +105,12 @@ def fpr_threshold(normal_scores: Any, target_fpr: float) -> float:
 
 
 def decide(scores: Any, threshold: float) -> np.ndarray:
-    """``scores >= threshold`` (anomalous), compared in float64."""
-    return np.asarray(scores, dtype=np.float64) >= float(threshold)
+    """``scores >= threshold`` (anomalous): in the scores' own float32 when the threshold is a float32
+    value (every threshold fitted here on float32 scores is), else in float64."""
+    array = np.asarray(scores)
+    if array.dtype == np.float32 and float(np.float32(threshold)) == float(threshold):
+        return array >= np.float32(threshold)
+    return array.astype(np.float64, copy=False) >= float(threshold)
 
 
 def normalize(values: Any, threshold: float, low: float, high: float) -> np.ndarray:

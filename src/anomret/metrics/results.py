@@ -37,6 +37,13 @@ METRIC_LABELS = {
     "pixel_ap": "P-AP",
     "pixel_f1max": "P-F1max",
     "pixel_aupro": "AUPRO",
+    # At the saved thresholds (anomret.decisions): precision, recall, F1 of the decisions.
+    "image_precision": "I-Prec@t",
+    "image_recall": "I-Rec@t",
+    "image_f1": "I-F1@t",
+    "pixel_precision": "P-Prec@t",
+    "pixel_recall": "P-Rec@t",
+    "pixel_f1": "P-F1@t",
 }
 _COUNT_KEYS = ("n_images", "n_anomalous")
 
