@@ -108,6 +108,16 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
                 wandb.finish()
 
 
+def _task_overrides() -> list[str]:
+    """The overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def _eval_command(cfg: DictConfig, info: dict[str, Any], checkpoint_file: str | None) -> str:
     """``python -m anomret.eval`` with this run's overrides and the files that reproduce its model."""
     from hydra.core.hydra_config import HydraConfig
@@ -149,6 +159,10 @@ def write_outputs(
 def predict(cfg: DictConfig) -> Path:
     """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
     integer_at_least(cfg.get("show_top", 10), "show_top", 0)
+    if cfg.get("package"):
+        from anomret.package import with_package
+
+        cfg = with_package(cfg, _task_overrides())  # the package's model, verified before anything runs
     check_config(cfg, Purpose.PREDICT)  # settings first: they cost nothing to check
     # Unreadable files are found (whole-file checks) and skipped before any compute.
     samples = readable_samples(image_folder_samples(cfg.input), cfg.input)
