@@ -191,7 +191,7 @@ def export_package(
     cfg.calibration = {"thresholds": artifacts["thresholds"]}
 
     # The model is built and checked as it will be loaded: bank, checkpoint and thresholds must fit it.
-    detector = Detector.build(cfg, where=f"the run {run_dir}")
+    detector = Detector.build(cfg, where=f"the run {run_dir}", device="cpu")
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
