@@ -13,6 +13,7 @@ graph's 2 GiB), nor for MRAD-CLIP, which runs the CLIP text tower with per-image
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,14 @@ def export_onnx(
 
 
 def _export(graph: nn.Module, example: Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        # Shapes read in Python (map size, top-k count, the memory's size) are constants of this graph by
+        # design: it is traced for one image size and one memory. The batch size stays free.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _trace(graph, example, path)
+
+
+def _trace(graph: nn.Module, example: Tensor, path: Path) -> None:
     torch.onnx.export(
         graph,
         (example,),
