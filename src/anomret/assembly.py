@@ -32,6 +32,7 @@ from anomret.data.batch import collate_items
 from anomret.data.datamodule import AnomalyDataModule, check_loader_settings
 from anomret.data.dataset import AnomalyDataset
 from anomret.data.samples import SampleTable
+from anomret.decisions.calibration import check_calibration, held_out_images, without
 from anomret.encoders.base import Encoder
 from anomret.features.store import FeatureStore
 from anomret.memory.base import MemoryBank, MemorySettings
@@ -57,6 +58,8 @@ class Purpose(Enum):
     PREDICT = "predict"  # a saved bank (and checkpoint), unlabelled images
     APPEND = "append"  # extend (or build) a RAD bank, nothing else
     ANALYSE = "analysis.similarity"  # a saved bank (and checkpoint), statistics over the test images
+    EXPORT = "export"  # a saved bank (and checkpoint) checked and written into a model package
+    SERVE = "serve"  # a model package scoring in-memory images (anomret.load, anomret.serve)
 
     @property
     def builds_bank(self) -> bool:
@@ -65,6 +68,10 @@ class Purpose(Enum):
     @property
     def evaluates(self) -> bool:
         return self in (Purpose.TRAIN, Purpose.EVAL)
+
+    @property
+    def scores_unlabelled(self) -> bool:
+        return self in (Purpose.PREDICT, Purpose.EXPORT, Purpose.SERVE)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -327,8 +334,9 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
             f"the similarity analysis reads MRAD's labelled memory; method {method} has a '{needs.memory}' "
             "memory. Fix: +experiment=mrad_tf_* or mrad_ft_* (method=mrad_tf / mrad_ft)."
         )
-    if purpose in (Purpose.EVAL, Purpose.PREDICT, Purpose.ANALYSE):
+    if purpose in (Purpose.EVAL, Purpose.PREDICT, Purpose.ANALYSE, Purpose.EXPORT, Purpose.SERVE):
         _missing_model_files(cfg, purpose, needs)
+    check_calibration(cfg)
     return needs
 
 
@@ -355,7 +363,7 @@ class Assembly:
         checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
         encoder = build(cfg.encoder)
         store = feature_store(cfg, encoder)
-        model = build_model(cfg, encoder, evaluate=purpose is not Purpose.PREDICT)
+        model = build_model(cfg, encoder, evaluate=not purpose.scores_unlabelled)
         model.set_feature_store(store)
         return cls(cfg, purpose, settings, encoder, store, model, checkpoint)
 
@@ -374,16 +382,31 @@ class Assembly:
             datamodule.setup("test")
         if builds:
             datamodule.setup("fit")
+            held_out = held_out_images(self.cfg)
+            if held_out is not None and self.settings.source == "train":
+                # Calibration images stay out of a memory built from the same split (RAD would retrieve
+                # the very image it calibrates on); the bank's identity records the images it holds.
+                datamodule.aux_samples = without(datamodule.aux_samples, held_out)
+                log.info("%d normal train image(s) held out of the memory for calibration", len(held_out))
         return datamodule
 
     def prediction_loader(self, samples: SampleTable) -> DataLoader:
-        """Unlabelled images in a loader of the run's data settings."""
+        """Images of a sample table in a loader of the run's data settings: unlabelled ones to predict,
+        labelled ones to calibrate (their masks binarised as the test masks are)."""
         data = self.cfg.data
         settings = check_loader_settings(
-            data.batch_size, data.eval_batch_size, data.num_workers, data.get("mask_size")
+            data.batch_size,
+            data.eval_batch_size,
+            data.num_workers,
+            data.get("mask_size"),
+            data.get("mask_threshold", 0.5),
         )
         dataset = AnomalyDataset(
-            samples, self.encoder.preprocess, settings["mask_size"], feature_store=self.store
+            samples,
+            self.encoder.preprocess,
+            settings["mask_size"],
+            settings["mask_threshold"],
+            feature_store=self.store,
         )
         return DataLoader(
             dataset,

@@ -15,24 +15,18 @@ import numpy as np
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 
 from anomret.data.batch import Batch
 from anomret.data.io import read_image, read_mask
-from anomret.data.transforms import SquareResizeCrop, crop_box
+from anomret.data.transforms import crop_box
+from anomret.decisions.record import Thresholds
+from anomret.decisions.writers import decision_columns
 from anomret.distributed import gather_to_zero
 from anomret.encoders.base import Preprocess
 from anomret.files import atomic_open
 from anomret.viz import overlay_panel, save_png
 
 log = logging.getLogger(__name__)
-
-
-def display_image(image_path: str, preprocess: Preprocess, size: int) -> np.ndarray:
-    """The pixels an anomaly map covers: the image through the encoder's resize and crop, at ``size``."""
-    geometry = SquareResizeCrop(preprocess.resize, preprocess.crop)
-    image = geometry(Image.fromarray(read_image(image_path)), preprocess.interpolation)
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
 @dataclass
@@ -266,7 +260,8 @@ class OverlayWriter(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Streams predictions to disk: one ``.npy`` map per image, ``predictions.csv``, then overlays.
+    """Streams predictions to disk: one ``.npy`` map per image, ``predictions.csv``, then overlays; with
+    thresholds (:attr:`thresholds`), also each image's decision and its defect mask.
 
     Output files mirror the input's tree and keep each image's whole file name, so two images never share
     an output (``a.png``, ``a.jpg``, ``a_png.png`` and ``sub/a.png`` give ``maps/a.png.npy``,
@@ -276,12 +271,19 @@ class PredictionWriter(BasePredictionWriter):
     drawn at the end, from the saved maps, on one colour range for the whole input (its 1st to 99.9th
     percentile of map values), so images can be compared with each other.
 
+    With thresholds, each CSV row also gives ``label`` (``anomalous`` / ``normal``), the ``threshold`` and
+    ``pixel_threshold`` used, the ``defect_fraction`` of map pixels at or above the pixel threshold and,
+    with ``masks``, the ``mask_file``: ``masks/<relative path>.png``, 0/255 on the map's grid (the same
+    pixels as the ``.npy`` map: the encoder's view of the image). ``normalized_score`` is added when the
+    thresholds normalise.
+
     Args:
         output_dir: where ``predictions.csv``, ``maps/`` and ``overlays/`` go.
         preprocess: the encoder's preprocessing, to draw overlays on the pixels the maps cover.
         input_dir: the folder the images were found under; output paths mirror paths relative to it.
         save_maps: keep the ``.npy`` anomaly maps (they are still used for the overlays).
         overlays: draw overlay PNGs.
+        masks: write the defect mask PNG of each image (when there is a pixel threshold).
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class PredictionWriter(BasePredictionWriter):
         input_dir: str | None = None,
         save_maps: bool = True,
         overlays: bool = True,
+        masks: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
@@ -298,6 +301,8 @@ class PredictionWriter(BasePredictionWriter):
         self.input_dir = None if input_dir is None else Path(input_dir)
         self.save_maps = save_maps
         self.overlays = overlays
+        self.masks = masks
+        self.thresholds: Thresholds | None = None
         self.rows: list[dict[str, Any]] = []
         self._samples: list[np.ndarray] = []
 
@@ -325,6 +330,8 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if prediction is None:  # a pass that predicts nothing to write (calibration)
+            return
         maps = prediction["anomaly_map"].detach().float().cpu().numpy()
         scores = {k: v.detach().float().cpu() for k, v in prediction.items() if k != "anomaly_map"}
         for i, image_path in enumerate(batch.image_path):
@@ -336,6 +343,8 @@ class PredictionWriter(BasePredictionWriter):
             row = {"image_path": image_path, "category": batch.category[i]}
             row.update({name: float(values[i]) for name, values in scores.items()})
             row["map_max"] = float(maps[i].max())
+            if self.thresholds is not None:
+                row.update(self._decisions(image_path, row["image_score"], maps[i]))
             if self.save_maps:
                 row["map_file"] = map_path.relative_to(self.output_dir).as_posix()
             if self.overlays:
@@ -343,6 +352,19 @@ class PredictionWriter(BasePredictionWriter):
                     self.output("overlays", image_path, ".png").relative_to(self.output_dir).as_posix()
                 )
             self.rows.append(row)
+
+    def _decisions(self, image_path: str, score: float, anomaly_map: np.ndarray) -> dict[str, Any]:
+        thresholds = self.thresholds
+        assert thresholds is not None
+        row = decision_columns(thresholds, score)
+        row["pixel_threshold"] = thresholds.pixel
+        mask = thresholds.mask(anomaly_map)
+        row["defect_fraction"] = None if mask is None else float(mask.mean())
+        if self.masks and mask is not None:
+            path = self.output("masks", image_path, ".png")
+            save_png(mask.astype(np.uint8) * 255, path)
+            row["mask_file"] = path.relative_to(self.output_dir).as_posix()
+        return row
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or not self.rows:
@@ -363,9 +385,22 @@ class PredictionWriter(BasePredictionWriter):
     def _draw_overlays(self) -> None:
         values = np.concatenate(self._samples)
         vmin, vmax = float(np.percentile(values, 1)), float(np.percentile(values, 99.9))
+        pixel_threshold = None if self.thresholds is None else self.thresholds.pixel
         for row in self.rows:
             anomaly_map = np.load(self.output("maps", row["image_path"], ".npy"))
-            image = display_image(row["image_path"], self.preprocess, anomaly_map.shape[-1])
+            image = read_image(row["image_path"])  # drawn at its own resolution
+            height, width = image.shape[:2]
             caption = f"{self.relative(row['image_path'])}\nscore {row['image_score']:.4f}"
-            panel = overlay_panel(image, anomaly_map, None, vmin, vmax, caption=caption)
+            if "label" in row:
+                caption += f" ({row['label']})"
+            panel = overlay_panel(
+                image,
+                anomaly_map,
+                None,
+                vmin,
+                vmax,
+                caption=caption,
+                map_box=map_box(width, height, self.preprocess),
+                pixel_threshold=pixel_threshold,
+            )
             save_png(panel, self.output("overlays", row["image_path"], ".png"))

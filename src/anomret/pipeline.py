@@ -2,8 +2,9 @@
 
 Everything a run produces lands in Hydra's run directory: the resolved ``config.yaml``,
 ``results.json``, ``results.csv`` (per category and mean), ``image_scores.csv`` (per test image),
-``artifacts.json`` (bank, checkpoint and feature store used), ``overlays/``, the report page
-``report.html``, ``checkpoints/`` (methods that train) and the logger files. The parts themselves
+``artifacts.json`` (bank, checkpoint, feature store and thresholds used), ``overlays/``, the report page
+``report.html``, ``checkpoints/`` (methods that train), with a ``calibration=`` also ``thresholds.json``
+and ``predictions.csv`` (the decision on every test image), and the logger files. The parts themselves
 (encoder, store, model, data, checkpoint, bank) come from :mod:`anomret.assembly`.
 """
 
@@ -22,9 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 from anomret.assembly import Assembly, Purpose, check_config, instantiate_all
-from anomret.callbacks import PredictionWriter
+from anomret.callbacks import OverlayWriter, PredictionWriter
 from anomret.checks import integer_at_least
 from anomret.data.folder import image_folder_samples, input_base, readable_samples
+from anomret.decisions.calibration import calibrate
+from anomret.decisions.record import ANOMALOUS
+from anomret.decisions.writers import write_evaluation_decisions
 from anomret.files import write_text_atomic
 from anomret.launch import DistributedJob, use_job_command_for_ddp
 from anomret.metrics.results import EvaluationResult
@@ -56,13 +60,19 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = parts.datamodule()  # every source is read and checked before any compute
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = parts.trainer(loggers, instantiate_all(cfg.get("callbacks")))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    trainer = parts.trainer(loggers, callbacks)
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         info = parts.attach_memory(trainer, datamodule)
         checkpoint_file = parts.fit_or_restore(trainer, datamodule)
         model = parts.model
+        thresholds = calibrate(parts, trainer, datamodule.test_samples)
+        if thresholds is not None:
+            model.evaluation.evaluator.set_thresholds(thresholds.image, thresholds.pixel)
+            for overlays in (c for c in callbacks if isinstance(c, OverlayWriter)):
+                overlays.pixel_threshold = thresholds.pixel  # the predicted defect outlined too
         log.info("scoring the %s test images of %s", len(datamodule.test_samples or []), cfg.dataset.name)
         # verbose=False: Lightning's flat metric dump is replaced by the per-category table below.
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -71,13 +81,19 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
         result = model.test_results
         log.info("features: %s", model.extractor.describe())
         result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
+        if thresholds is not None:
+            result.settings["thresholds"] = thresholds.to_dict()
         if trainer.is_global_zero:
             artifacts = {
                 "bank": info["path"],
                 "bank_identity": info["identity"],
                 "checkpoint": None if checkpoint_file is None else str(Path(checkpoint_file).resolve()),
                 "features": None if parts.store is None else str(Path(parts.store.directory).resolve()),
+                "thresholds": None,
             }
+            if thresholds is not None:
+                artifacts["thresholds"] = str(thresholds.save(output_dir / "thresholds.json").resolve())
+                write_evaluation_decisions(output_dir / "predictions.csv", result.images, thresholds)
             write_outputs(result, output_dir, loggers, artifacts)
             console = Console()  # a pipe or log gets 80 columns (COLUMNS), which the table fits
             title = f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"
@@ -95,16 +111,19 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
                 wandb.finish()
 
 
-def _eval_command(cfg: DictConfig, info: dict[str, Any], checkpoint_file: str | None) -> str:
-    """``python -m anomret.eval`` with this run's overrides and the files that reproduce its model."""
+def _task_overrides() -> list[str]:
+    """The overrides of the running Hydra job (none outside one)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        overrides = [
-            o for o in HydraConfig.get().overrides.task if not o.startswith(("memory.path=", "ckpt_path="))
-        ]
+        return list(HydraConfig.get().overrides.task)
     except ValueError:
-        overrides = []
+        return []
+
+
+def _eval_command(cfg: DictConfig, info: dict[str, Any], checkpoint_file: str | None) -> str:
+    """``python -m anomret.eval`` with this run's overrides and the files that reproduce its model."""
+    overrides = [o for o in _task_overrides() if not o.startswith(("memory.path=", "ckpt_path="))]
     # A checkpoint names its bank; a method without trained parts is its bank.
     model_files = (
         [f"ckpt_path={Path(checkpoint_file).resolve()}"]
@@ -144,6 +163,10 @@ def write_outputs(
 def predict(cfg: DictConfig) -> Path:
     """Score unlabelled images (``input=FILE_OR_FOLDER``) with a saved bank; returns predictions.csv."""
     integer_at_least(cfg.get("show_top", 10), "show_top", 0)
+    if cfg.get("package"):
+        from anomret.package import with_package
+
+        cfg = with_package(cfg, _task_overrides())  # the package's model, verified before anything runs
     check_config(cfg, Purpose.PREDICT)  # settings first: they cost nothing to check
     # Unreadable files are found (whole-file checks) and skipped before any compute.
     samples = readable_samples(image_folder_samples(cfg.input), cfg.input)
@@ -157,14 +180,26 @@ def predict(cfg: DictConfig) -> Path:
     )
     progress = [c for c in instantiate_all(cfg.get("callbacks")) if isinstance(c, ProgressBar)]
     trainer = parts.trainer([], [writer, *progress])
+    writer.thresholds = calibrate(parts, trainer)
+    if writer.thresholds is None:
+        log.info(
+            "no thresholds: scores only (no labels or masks). A model package (package=DIR) or "
+            "calibration.thresholds=RUN/thresholds.json gives decisions"
+        )
     log.info("predicting %d images from %s", len(samples), cfg.input)
     trainer.predict(parts.model, dataloaders=loader, return_predictions=False)
 
-    table = Table(title=f"highest image scores of {len(writer.rows)} (all in predictions.csv)")
-    for column in ("image", "image_score"):
+    title = f"highest image scores of {len(writer.rows)} (all in predictions.csv)"
+    if writer.thresholds is not None:
+        flagged = sum(row["label"] == ANOMALOUS for row in writer.rows)
+        title += f"; {flagged} anomalous at threshold {writer.thresholds.image:.6g}"
+    table = Table(title=title)
+    columns = ("image", "image_score", *(("label",) if writer.thresholds is not None else ()))
+    for column in columns:
         table.add_column(column, justify="right" if column == "image_score" else "left")
     for row in sorted(writer.rows, key=lambda r: r["image_score"], reverse=True)[: cfg.get("show_top", 10)]:
-        table.add_row(writer.relative(row["image_path"]), f"{row['image_score']:.4f}")
+        cells = [writer.relative(row["image_path"]), f"{row['image_score']:.4f}"]
+        table.add_row(*cells, *((row["label"],) if writer.thresholds is not None else ()))
     Console(width=max(Console().width, 120)).print(table)
     log.info("predictions written to %s", output_dir)
     return output_dir / "predictions.csv"

@@ -46,7 +46,6 @@ def _holder(target: Path):
     return process, release
 
 
-@pytest.mark.slow
 def test_a_second_writer_is_refused_past_its_limit_and_waits_within_it(tmp_path, caplog):
     target = tmp_path / "bank.safetensors"
     process, release = _holder(target)
@@ -71,7 +70,6 @@ def test_a_second_writer_is_refused_past_its_limit_and_waits_within_it(tmp_path,
     lock.release()
 
 
-@pytest.mark.slow
 def test_a_killed_holder_never_blocks_the_next_writer(tmp_path):
     target = tmp_path / "bank.safetensors"
     process, _ = _holder(target)
@@ -110,7 +108,6 @@ def _rank(rank: int, world: int, port: int, target: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_ranks_share_rank_zeros_reading_and_wait_or_are_refused_together(tmp_path):
     target = tmp_path / "bank.safetensors"
     process, release = _holder(target)
@@ -162,7 +159,6 @@ def _images_by_category(bank: Path) -> dict[str, list[str]]:
     return images
 
 
-@pytest.mark.slow
 def test_two_appends_at_once_give_the_bank_of_their_union(compose_config, tmp_path, data_dir):
     bank = tmp_path / "bank.safetensors"
     pill = ["+experiment=demo_rad", "dataset.categories=[pill]", f"memory.path={bank}"]
@@ -200,7 +196,6 @@ def test_two_appends_at_once_give_the_bank_of_their_union(compose_config, tmp_pa
     assert read_bank_metadata(bank)["build"] == read_bank_metadata(tmp_path / "fresh.safetensors")["build"]
 
 
-@pytest.mark.slow
 def test_a_writer_refused_by_a_busy_bank_says_so_in_one_line(tmp_path, data_dir):
     bank = tmp_path / "bank.safetensors"
     lock = FileLock(bank)
@@ -246,7 +241,6 @@ def test_a_bank_extended_with_categories_that_sort_first_is_reused_by_later_runs
     assert reused.per_category == built.per_category
 
 
-@pytest.mark.slow
 def test_a_run_that_waited_for_a_writer_reuses_the_bank_it_wrote(compose_config, tmp_path, data_dir):
     written = tmp_path / "written.safetensors"
     run(compose_config(["+experiment=demo_rad", f"memory.path={written}"]), fit=True)

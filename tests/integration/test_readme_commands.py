@@ -160,6 +160,27 @@ SKIPPED: dict[str, str] = {
     "python -m anomret.analysis.similarity -m +experiment=mrad_ft_mvtec ckpt_path=.../last.ckpt dataset=mvtec,btad,mpdd,isic": (
         "real datasets; the analysis runs in tests/integration/test_mrad_trained.py"
     ),
+    "python -m anomret.train +experiment=demo calibration=normal_holdout": (
+        "tests/integration/test_package_service.py runs it before exporting; composes (checked)"
+    ),
+    "python -m anomret.eval +experiment=demo memory.path=BANK calibration=normal_folder calibration.folder=/images/line3/good": (
+        "folder calibration refusing test images: tests/integration/test_calibrated_runs.py (the fpr pass runs with normal_holdout); composes (checked)"
+    ),
+    "python -m anomret.eval +experiment=demo memory.path=BANK calibration=labelled calibration.dataset.root=data/validation": (
+        "a validation dataset: tests/integration/test_calibrated_runs.py; composes (checked)"
+    ),
+    "python -m anomret.export logs/demo/train/<time> packages/demo": (
+        "tests/integration/test_package_service.py exports a calibrated demo run"
+    ),
+    "python -m anomret.predict package=packages/demo input=/images/line3": (
+        "tests/integration/test_package_service.py predicts with a package"
+    ),
+    "python -m anomret.serve packages/demo --port 8000": (
+        "tests/integration/test_package_service.py serves a package on a free loopback port"
+    ),
+    "curl -F image=@part.png http://127.0.0.1:8000/predict": (
+        "tests/integration/test_package_service.py posts images over real HTTP"
+    ),
 }
 
 
@@ -196,6 +217,8 @@ def _check_composes(command: str) -> int:
     words = [w for w in words if not re.match(r"^[A-Z_]+=", w)]  # environment prefixes
     if words[:2] != ["python", "-m"] or words[2] not in ("anomret.train", "anomret.eval", "anomret.predict"):
         return 0
+    if any(word.startswith("package=") for word in words):
+        return 0  # the model comes from the package (tests/integration/test_package_service.py)
     config_name = {"anomret.train": "config", "anomret.eval": "eval", "anomret.predict": "predict"}[words[2]]
     purpose = {"config": Purpose.TRAIN, "eval": Purpose.EVAL, "predict": Purpose.PREDICT}[config_name]
     overrides = [w for w in words[3:] if w != "-m" and not w.startswith("hydra/launcher")]

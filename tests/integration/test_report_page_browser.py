@@ -23,10 +23,8 @@ import pytest
 
 from anomret.pipeline import run
 
-from .test_train_eval import _cli
+from .cli import run_cli
 from .wandb_records import _chunks
-
-pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -80,14 +78,19 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Pat
     piped as a user's would be, 80 columns wide."""
     root = tmp_path_factory.mktemp("sweep")
     sweep_dir = root / "sweep"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("COLUMNS", "80")
-        done = _cli(
+    done = run_cli(
+        [
+            "-m",
             "anomret.train",
-            ["-m", "+experiment=demo_rad_fewshot", "retrieval.k=4,8", f"hydra.sweep.dir={sweep_dir}"],
-            root,
-            data_dir,
-        )
+            "-m",
+            "+experiment=demo_rad_fewshot",
+            "retrieval.k=4,8",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        root,
+        data_dir=data_dir,
+        env={"COLUMNS": "80"},
+    )
     return sweep_dir, done.stdout
 
 

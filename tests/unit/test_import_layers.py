@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "append": 5,
     "prepare": 5,
     "report": 5,
+    "export": 5,
+    "serve": 5,
     "analysis": 5,
     # orchestration
     "assembly": 4,
@@ -34,6 +36,10 @@ LAYERS: dict[str, int] = {
     "cli": 4,
     "output": 4,
     "reporting": 4,
+    "decisions": 4,
+    "package": 4,
+    "serving": 4,
+    "onnx_export": 4,
     # methods
     "models": 3,
     # memory, features, retrieval, metrics

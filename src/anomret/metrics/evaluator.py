@@ -18,11 +18,13 @@ from torch import Tensor
 
 from anomret.checks import integer_at_least, number_in
 from anomret.metrics import functional
-from anomret.metrics.results import METRIC_KEYS, EvaluationResult
+from anomret.metrics.results import METRIC_KEYS, THRESHOLDED_KEYS, EvaluationResult
+from anomret.metrics.thresholds import decide, precision_recall_f1
 
-__all__ = ["METRIC_KEYS", "CategoryEvaluator"]
+__all__ = ["METRIC_KEYS", "THRESHOLDED_KEYS", "CategoryEvaluator"]
 
 log = logging.getLogger(__name__)
+
 
 
 # Metric key -> functional binary metric; both levels share one sort of their scores.
@@ -101,6 +103,24 @@ class CategoryEvaluator:
         )
         self._needs_maps = any(key.startswith("pixel_") for key in self.metrics)
         self._data: dict[str, _CategoryData] = {}
+        self.image_threshold: float | None = None
+        self.pixel_threshold: float | None = None
+
+    def set_thresholds(self, image: float | None, pixel: float | None = None) -> None:
+        """Also compute precision, recall and F1 of the decisions ``score >= threshold`` per level (the
+        pixel level only where pixel metrics are computed, the maps being kept for them)."""
+        self.image_threshold = None if image is None else float(image)
+        self.pixel_threshold = None if pixel is None else float(pixel)
+
+    @property
+    def computed_metrics(self) -> tuple[str, ...]:
+        """The metric keys :meth:`compute` fills: the requested ones and those of the thresholds set."""
+        thresholded = []
+        if self.image_threshold is not None:
+            thresholded += [key for key in THRESHOLDED_KEYS if key.startswith("image_")]
+        if self.pixel_threshold is not None and self._needs_maps:
+            thresholded += [key for key in THRESHOLDED_KEYS if key.startswith("pixel_")]
+        return (*self.metrics, *thresholded)
 
     @property
     def needs_maps(self) -> bool:
@@ -194,7 +214,11 @@ class CategoryEvaluator:
             start = time.perf_counter()
             scores, labels = _concat(data.scores), _concat(data.labels)
             counts[name] = {"n_images": int(labels.numel()), "n_anomalous": int(labels.sum())}
-            values = dict.fromkeys(self.metrics, math.nan)
+            values = dict.fromkeys(self.computed_metrics, math.nan)
+            if self.image_threshold is not None:
+                decided = decide(scores.numpy(), self.image_threshold)
+                computed = precision_recall_f1(decided, labels.numpy())
+                values.update({f"image_{name}": value for name, value in computed.items()})
 
             image_keys = [key for key in self.metrics if key in _IMAGE]
             if image_keys:
@@ -209,6 +233,10 @@ class CategoryEvaluator:
                     values.update({key: computed[_PIXEL[key]] for key in pixel_keys})
                 if "pixel_aupro" in self.metrics:
                     values["pixel_aupro"] = functional.aupro(maps, masks, **self.aupro_settings)
+                if self.pixel_threshold is not None:
+                    decided = decide(maps.numpy(), self.pixel_threshold)
+                    computed = precision_recall_f1(decided, masks.numpy())
+                    values.update({f"pixel_{name}": value for name, value in computed.items()})
 
             per_category[name] = values
             log.debug(
@@ -222,6 +250,6 @@ class CategoryEvaluator:
         return EvaluationResult(
             per_category=per_category,
             counts=counts,
-            metrics=self.metrics,
+            metrics=self.computed_metrics,
             settings={"aupro": dict(self.aupro_settings)},
         )

@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE_SCORE_COLUMNS",
     "METRIC_KEYS",
     "METRIC_LABELS",
+    "THRESHOLDED_KEYS",
     "EvaluationResult",
     "ImageScore",
     "read_image_scores",
@@ -53,9 +54,18 @@ METRIC_LABELS = {
     "pixel_ap": "P-AP",
     "pixel_f1max": "P-F1max",
     "pixel_aupro": "AUPRO",
+    # At the saved thresholds (anomret.decisions): precision, recall, F1 of the decisions.
+    "image_precision": "I-Prec@t",
+    "image_recall": "I-Rec@t",
+    "image_f1": "I-F1@t",
+    "pixel_precision": "P-Prec@t",
+    "pixel_recall": "P-Rec@t",
+    "pixel_f1": "P-F1@t",
 }
-# The metrics in canonical order, the order the evaluator computes them in.
-METRIC_KEYS = tuple(METRIC_LABELS)
+# The threshold-free metrics in canonical order, the order the evaluator computes them in.
+METRIC_KEYS = tuple(key for key in METRIC_LABELS if not key.endswith(("_precision", "_recall", "_f1")))
+# The metrics of decisions at a saved threshold, computed when the run has thresholds.
+THRESHOLDED_KEYS = tuple(key for key in METRIC_LABELS if key not in METRIC_KEYS)
 IMAGE_SCORE_COLUMNS = ("category", "image", "label", "score")
 _COUNT_KEYS = ("n_images", "n_anomalous")
 
