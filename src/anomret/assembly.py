@@ -217,7 +217,7 @@ def _command(purpose: Purpose, extra: list[str]) -> str:
     return " ".join(["python -m", f"anomret.{purpose.value}", *kept, *extra])
 
 
-def _missing_model_files(cfg: DictConfig, purpose: Purpose, needs: MethodNeeds) -> None:
+def _missing_model_files(cfg: DictConfig, purpose: Purpose, method: str, needs: MethodNeeds) -> None:
     """A run that reads a saved model needs its bank and, for trained methods, its checkpoint: say at once
     everything that is missing, with the command that gives it."""
     ckpt_path = cfg.get("ckpt_path")
@@ -240,7 +240,7 @@ def _missing_model_files(cfg: DictConfig, purpose: Purpose, needs: MethodNeeds) 
         if bank is not None:
             fix = f"memory.path={bank}"
     raise ConfigError(
-        f"anomret.{purpose.value} of {cfg.model.get('_target_', '?').rsplit('.', 1)[-1]} needs {what}. "
+        f"anomret.{purpose.value} of {method} needs {what}. "
         f"Run: {_command(purpose, [fix])}"
         + ("" if run_dir is not None else f" (train one first: {_command(Purpose.TRAIN, [])})")
     )
@@ -335,7 +335,7 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
             "memory. Fix: +experiment=mrad_tf_* or mrad_ft_* (method=mrad_tf / mrad_ft)."
         )
     if purpose in (Purpose.EVAL, Purpose.PREDICT, Purpose.ANALYSE, Purpose.EXPORT, Purpose.SERVE):
-        _missing_model_files(cfg, purpose, needs)
+        _missing_model_files(cfg, purpose, method, needs)
     check_calibration(cfg)
     return needs
 

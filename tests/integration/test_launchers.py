@@ -152,7 +152,7 @@ def test_submitit_local_sweep_with_wandb_offline_and_the_report(tmp_path, data_d
             "logger.wandb.offline=true",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
@@ -187,7 +187,7 @@ def test_optuna_demo_search_runs_three_trials(tmp_path, data_dir):
             "logger=none",
         ],
         tmp_path,
-        data_dir,
+        data_dir=data_dir,
     )
     trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in trials] == ["0", "1", "2"]

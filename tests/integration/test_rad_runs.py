@@ -136,7 +136,7 @@ def test_appending_a_category_equals_building_with_it(compose_config, tmp_path, 
 def test_paper_experiments_compose_with_the_official_constants(compose_config, experiment, k, rho):
     cfg = compose_config([f"+experiment={experiment}"])
     assert (cfg.retrieval.k, cfg.retrieval.rho, cfg.retrieval.cap_k) == (k, rho, False)
-    assert cfg.encoder.name == "dinov3_vitb16" and list(cfg.encoder.layers) == [3, 6, 9, 11]
+    assert cfg.encoder.name == "dinov3_vitb16" and list(cfg.encoder.layers) == [4, 7, 10, 12]
     # Official maps and ground truth: 256 px, 5×5 σ 1 zero-padded blur, masks nearest to 256 and > 0.
     assert (cfg.model.map.size, cfg.model.map.sigma, cfg.model.map.kernel_size) == (256, 1.0, 5)
     assert cfg.model.map.padding == "zeros" and cfg.model.score.top_k_ratio == 0.01

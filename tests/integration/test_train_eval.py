@@ -170,7 +170,7 @@ def test_missing_dataset_root_names_the_prepare_command(compose_config, tmp_path
     cfg = compose_config(["+experiment=demo", "dataset=mvtec", f"dataset.root={tmp_path / 'nowhere'}"])
     from anomret.data.errors import DatasetNotFoundError
 
-    with pytest.raises(DatasetNotFoundError, match=r"anomret\.data\.prepare mvtec"):
+    with pytest.raises(DatasetNotFoundError, match=r"python -m anomret\.prepare mvtec"):
         run(cfg, fit=True)
     assert not (tmp_path / "run" / "results.json").exists()
 

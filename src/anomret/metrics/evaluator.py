@@ -26,7 +26,6 @@ __all__ = ["METRIC_KEYS", "THRESHOLDED_KEYS", "CategoryEvaluator"]
 log = logging.getLogger(__name__)
 
 
-
 # Metric key -> functional binary metric; both levels share one sort of their scores.
 _IMAGE = {"image_auroc": "auroc", "image_ap": "average_precision", "image_f1max": "f1_max"}
 _PIXEL = {"pixel_auroc": "auroc", "pixel_ap": "average_precision", "pixel_f1max": "f1_max"}
