@@ -15,6 +15,7 @@ import numpy as np
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
 from anomret.data.batch import Batch
 from anomret.data.io import read_image, read_mask
@@ -24,7 +25,7 @@ from anomret.decisions.writers import decision_columns
 from anomret.distributed import gather_to_zero
 from anomret.encoders.base import Preprocess
 from anomret.files import atomic_open
-from anomret.viz import overlay_panel, save_png
+from anomret.viz import overlay_panel, predicted_mask, save_png
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +361,13 @@ class PredictionWriter(BasePredictionWriter):
         row["pixel_threshold"] = thresholds.pixel
         mask = thresholds.mask(anomaly_map)
         row["defect_fraction"] = None if mask is None else float(mask.mean())
-        if self.masks and mask is not None:
+        if self.masks and thresholds.pixel is not None:
+            with Image.open(image_path) as image:  # the header only: the mask is drawn at its size
+                width, height = image.size
+            box = map_box(width, height, self.preprocess)
+            at_image = predicted_mask(anomaly_map, thresholds.pixel, box, (height, width))
             path = self.output("masks", image_path, ".png")
-            save_png(mask.astype(np.uint8) * 255, path)
+            save_png(at_image.astype(np.uint8) * 255, path)
             row["mask_file"] = path.relative_to(self.output_dir).as_posix()
         return row
 

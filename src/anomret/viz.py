@@ -69,6 +69,17 @@ def upsample_map(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray
     return np.asarray(resized, dtype=np.float32)
 
 
+def predicted_mask(
+    anomaly_map: np.ndarray, pixel_threshold: float, box: Box, image_shape: tuple[int, int]
+) -> np.ndarray:
+    """The predicted defect mask at the image's own resolution: the map upsampled (bilinear) into ``box``,
+    the region the encoder saw, then ``>= pixel_threshold``; pixels outside the region are never flagged."""
+    left, top, right, bottom = box
+    mask = np.zeros(image_shape, bool)
+    mask[top:bottom, left:right] = upsample_map(anomaly_map, right - left, bottom - top) >= pixel_threshold
+    return mask
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -180,8 +191,7 @@ def overlay_panel(
         plain[ground_truth] = GROUND_TRUTH_COLOUR
         heat[ground_truth] = GROUND_TRUTH_ON_MAP_COLOUR
     if pixel_threshold is not None:
-        predicted = np.zeros((height, width), bool)
-        predicted[top:bottom, left:right] = values >= pixel_threshold
+        predicted = predicted_mask(anomaly_map, pixel_threshold, (left, top, right, bottom), (height, width))
         heat[outline(predicted, thickness)] = PREDICTION_COLOUR
 
     font_size = max(11, round(height / 40))
