@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from spatial_reference import literal_spatial_scores
 
 import anomret
 from anomret.retrieval import spatial_knn_scores
@@ -79,26 +80,6 @@ def _interpreted(cases: list[dict], tmp_path: Path) -> list[torch.Tensor]:
     return torch.load(tmp_path / "out.pt")
 
 
-def _literal(query: torch.Tensor, bank: torch.Tensor, neighbors: torch.Tensor, rho: int) -> np.ndarray:
-    """The definition, one position at a time, in float64; a zero vector has cosine 0 with everything."""
-    q = query.double().numpy()
-    r = bank.double().numpy()
-    batch, h, w, _ = q.shape
-    out = np.empty((batch, h, w))
-    for b in range(batch):
-        for i in range(h):
-            for j in range(w):
-                best = -np.inf
-                for n in neighbors[b].tolist():
-                    for i2 in range(max(0, i - rho), min(h, i + rho + 1)):
-                        for j2 in range(max(0, j - rho), min(w, j + rho + 1)):
-                            a, c = q[b, i, j], r[n, i2, j2]
-                            norms = max(np.linalg.norm(a), 1e-12) * max(np.linalg.norm(c), 1e-12)
-                            best = max(best, float(a @ c) / norms)
-                out[b, i, j] = 1 - best
-    return out
-
-
 def _random(batch: int, n_bank: int, h: int, w: int, dim: int, seed: int, dtype=torch.float16):
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, h, w, dim, generator=gen)
@@ -120,7 +101,7 @@ def test_kernel_matches_literal_loop_for_every_window(tmp_path):
     rhos = [0, 1, 2, 9]
     results = _interpreted([_case(query, bank, neighbors, rho) for rho in rhos], tmp_path)
     for rho, got in zip(rhos, results, strict=True):
-        _check(got, _literal(query, bank, neighbors, rho), f"{rho=}")
+        _check(got, literal_spatial_scores(query, bank, neighbors, rho), f"{rho=}")
 
 
 def test_kernel_blocks_of_neighbours_and_channels(tmp_path):
@@ -130,8 +111,8 @@ def test_kernel_blocks_of_neighbours_and_channels(tmp_path):
     fp16_got, fp32_got = _interpreted(
         [_case(query, bank, many, 1), _case(query, bank.float(), many, 1)], tmp_path
     )
-    _check(fp16_got, _literal(query, bank, many, 1), "fp16")
-    _check(fp32_got, _literal(query, bank.float(), many, 1), "fp32")
+    _check(fp16_got, literal_spatial_scores(query, bank, many, 1), "fp16")
+    _check(fp32_got, literal_spatial_scores(query, bank.float(), many, 1), "fp32")
 
 
 def test_kernel_window_wider_than_a_block_of_slots(tmp_path):
@@ -139,7 +120,7 @@ def test_kernel_window_wider_than_a_block_of_slots(tmp_path):
     query, bank, _ = _random(1, 3, 9, 8, 16, seed=3)
     neighbors = torch.tensor([[2, 0]])
     (got,) = _interpreted([_case(query, bank, neighbors, 9)], tmp_path)
-    _check(got, _literal(query, bank, neighbors, 9), "72-slot window")
+    _check(got, literal_spatial_scores(query, bank, neighbors, 9), "72-slot window")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
@@ -148,7 +129,7 @@ def test_kernel_reads_other_stored_dtypes(dtype, tmp_path):
     query, bank, _ = _random(2, 5, 3, 4, 24, seed=4, dtype=dtype)
     neighbors = torch.tensor([[0, 3, 1], [4, 4, 2]])
     (got,) = _interpreted([_case(query, bank, neighbors, 1)], tmp_path)
-    _check(got, _literal(query, bank, neighbors, 1), str(dtype))
+    _check(got, literal_spatial_scores(query, bank, neighbors, 1), str(dtype))
 
 
 def test_kernel_zero_vectors_have_cosine_zero(tmp_path):
@@ -158,7 +139,7 @@ def test_kernel_zero_vectors_have_cosine_zero(tmp_path):
     bank[1] = 0
     neighbors = torch.tensor([[1, 1], [0, 1]])  # query 0 sees only the all-zero image
     (got,) = _interpreted([_case(query, bank, neighbors, 1)], tmp_path)
-    _check(got, _literal(query, bank, neighbors, 1), "zero vectors")
+    _check(got, literal_spatial_scores(query, bank, neighbors, 1), "zero vectors")
     assert torch.equal(got[0], torch.ones(3, 4))
 
 
@@ -177,11 +158,15 @@ def test_kernel_reads_strided_compact_and_loaded_banks(tmp_path):
         _case(query[..., ::2].contiguous(), wide, neighbors * 2, 2, view="every_other_channel"),
     ]
     strided, from_compact, loaded, channel_strided = _interpreted(cases, tmp_path)
-    expected = _literal(query, rows, neighbors, 1)
+    expected = literal_spatial_scores(query, rows, neighbors, 1)
     _check(strided, expected, "strided images")
     _check(from_compact, expected, "compact rows")
     _check(loaded, expected, "loader")
-    _check(channel_strided, _literal(query[..., ::2], wide[..., ::2], neighbors * 2, 2), "strided channels")
+    _check(
+        channel_strided,
+        literal_spatial_scores(query[..., ::2], wide[..., ::2], neighbors * 2, 2),
+        "strided channels",
+    )
 
 
 def test_backend_is_checked():
@@ -209,7 +194,7 @@ def test_kernel_on_gpu_matches_literal_loop(dtype):
     query, bank, gen = _random(2, 9, 4, 6, 80, seed=7, dtype=dtype)
     neighbors = torch.randint(0, 9, (2, 70), generator=gen)
     for rho in (0, 1, 2, 9):
-        expected = _literal(query, bank, neighbors, rho)
+        expected = literal_spatial_scores(query, bank, neighbors, rho)
         for backend in ("auto", "triton"):
             got = spatial_knn_scores(query.cuda(), bank.cuda(), neighbors.cuda(), rho, backend=backend)
             _check(got.cpu(), expected, f"{dtype} {rho=} {backend=}")

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from spatial_reference import literal_spatial_scores
 
 from anomret.retrieval import (
     global_topk,
@@ -15,28 +16,6 @@ from anomret.retrieval import (
     spatial_knn_scores,
 )
 from anomret.retrieval.spatial import GlobalTopK, exact_matmul, layer_weights
-
-
-def _literal_scores(query: torch.Tensor, bank: torch.Tensor, neighbors: torch.Tensor, rho: int) -> np.ndarray:
-    """The definition, one position at a time: 1 - max cosine over the clipped L∞ window of each neighbour."""
-    q = query.double().numpy()
-    r = bank.double().numpy()
-    batch, h, w, _ = q.shape
-    out = np.empty((batch, h, w))
-    for b in range(batch):
-        for i in range(h):
-            for j in range(w):
-                best = -np.inf
-                for n in neighbors[b].tolist():
-                    for i2 in range(h):
-                        for j2 in range(w):
-                            if abs(i - i2) > rho or abs(j - j2) > rho:
-                                continue
-                            a, c = q[b, i, j], r[n, i2, j2]
-                            best = max(best, float(a @ c / (np.linalg.norm(a) * np.linalg.norm(c))))
-                out[b, i, j] = 1 - best
-    return out
-
 
 # (tile, neighbor_chunk, query_chunk): chunk sizes that do not divide K or B, tiles that do not divide 5×7.
 _CHUNKINGS = [(1, 32, 1), (1, 2, 2), (2, 1, 3), (3, 2, 1), (4, 5, 2)]
@@ -50,7 +29,7 @@ def test_matches_literal_loop_fp16_bank(rho, n_neighbors, batch):
     query = torch.randn(batch, 5, 7, 8, generator=gen)
     bank = torch.randn(6, 5, 7, 8, generator=gen).half()
     neighbors = torch.stack([torch.randperm(6, generator=gen)[:n_neighbors] for _ in range(batch)])
-    expected = _literal_scores(query, bank, neighbors, rho)
+    expected = literal_spatial_scores(query, bank, neighbors, rho)
     for tile, neighbor_chunk, query_chunk in _CHUNKINGS:
         got = spatial_knn_scores(
             query, bank, neighbors, rho, tile=tile, neighbor_chunk=neighbor_chunk, query_chunk=query_chunk
@@ -67,7 +46,7 @@ def test_float64_query_is_exact_on_other_grids(shape):
     bank = torch.randn(4, h, w, 5, generator=gen, dtype=torch.float64)
     neighbors = torch.tensor([[3, 0], [1, 1]])  # a repeated neighbour changes nothing
     for rho in (0, 1, 3):
-        expected = _literal_scores(query, bank, neighbors, rho)
+        expected = literal_spatial_scores(query, bank, neighbors, rho)
         for tile in (1, 2, 5):
             got = spatial_knn_scores(query, bank, neighbors, rho, tile=tile, neighbor_chunk=1)
             assert got.dtype == torch.float64
@@ -149,7 +128,7 @@ def test_loader_bank_reads_only_requested_rows_in_bounded_chunks():
     assert len(requested) == neighbors.numel()  # each (query, neighbour) pair read once
     assert max(len(request) for request in loader.requests) <= 2 * 2
     torch.testing.assert_close(got, spatial_knn_scores(query, rows, neighbors, rho=1))
-    np.testing.assert_allclose(got.numpy(), _literal_scores(query, rows, neighbors, 1), atol=2e-6)
+    np.testing.assert_allclose(got.numpy(), literal_spatial_scores(query, rows, neighbors, 1), atol=2e-6)
 
 
 def test_callable_and_numpy_and_strided_banks_agree():

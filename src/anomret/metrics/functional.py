@@ -58,7 +58,8 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _scores_array(scores: Any, name: str) -> np.ndarray:
+def scores_array(scores: Any, name: str) -> np.ndarray:
+    """Scores (tensor or array-like) as a real numpy array, refused when empty or not finite."""
     array = _to_numpy(scores)
     if array.dtype == np.float16:
         array = array.astype(np.float32)
@@ -73,7 +74,8 @@ def _scores_array(scores: Any, name: str) -> np.ndarray:
     return array
 
 
-def _binary_array(labels: Any, name: str) -> np.ndarray:
+def binary_array(labels: Any, name: str) -> np.ndarray:
+    """Labels (bool or 0/1, tensor or array-like) as a boolean numpy array."""
     array = _to_numpy(labels)
     if array.dtype == np.bool_:
         return array
@@ -90,10 +92,10 @@ def _check_pair(scores: np.ndarray, labels: np.ndarray, names: tuple[str, str]) 
         raise ValueError(f"{names[0]} {scores.shape} and {names[1]} {labels.shape} must have the same shape")
 
 
-def _split_sorted(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+def split_sorted(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Validate, then return the positive and the negative scores, each sorted ascending."""
-    score_array = _scores_array(scores, "scores")
-    label_array = _binary_array(labels, "labels")
+    score_array = scores_array(scores, "scores")
+    label_array = binary_array(labels, "labels")
     _check_pair(score_array, label_array, ("scores", "labels"))
     positives = score_array[label_array]  # boolean indexing copies, so the in-place sorts are safe
     negatives = score_array[~label_array]
@@ -164,7 +166,7 @@ def binary_metrics(scores: Any, labels: Any, metrics: Sequence[str] = BINARY_MET
     unknown = [m for m in metrics if m not in _BINARY_IMPLS]
     if unknown:
         raise ValueError(f"unknown binary metric(s) {unknown}; valid: {list(BINARY_METRICS)}")
-    positives, negatives = _split_sorted(scores, labels)
+    positives, negatives = split_sorted(scores, labels)
     if positives.size == 0 or negatives.size == 0:
         return {m: math.nan for m in metrics}
     return {m: _BINARY_IMPLS[m](positives, negatives) for m in metrics}
@@ -221,8 +223,8 @@ def resolve_aupro_settings(
 
 
 def _maps_masks_arrays(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    map_array = _scores_array(maps, "maps")
-    mask_array = _binary_array(masks, "masks")
+    map_array = scores_array(maps, "maps")
+    mask_array = binary_array(masks, "masks")
     _check_pair(map_array, mask_array, ("maps", "masks"))
     if map_array.ndim == 2:
         map_array, mask_array = map_array[None], mask_array[None]

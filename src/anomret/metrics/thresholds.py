@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from anomret.metrics.functional import binary_array, scores_array, split_sorted
+
 __all__ = [
     "decide",
     "f1_optimal_threshold",
@@ -31,30 +33,10 @@ __all__ = [
 ]
 
 
-def _scores(values: Any, name: str = "scores") -> np.ndarray:
-    array = np.asarray(values)
-    if array.dtype.kind in "biu":
-        array = array.astype(np.float64)
-    elif array.dtype == np.float16:
-        array = array.astype(np.float32)
-    elif array.dtype.kind != "f":
-        raise ValueError(f"{name} must be real numbers, got dtype {array.dtype}")
-    array = array.reshape(-1)
-    if array.size == 0:
-        raise ValueError(f"{name} is empty: a threshold needs calibration scores")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return array
-
-
 def _labels(values: Any, size: int) -> np.ndarray:
-    array = np.asarray(values).reshape(-1)
+    array = binary_array(values, "labels").reshape(-1)
     if array.size != size:
         raise ValueError(f"{array.size} labels for {size} scores")
-    if array.dtype != np.bool_:
-        if not np.isin(array, (0, 1)).all():
-            raise ValueError("labels must be binary (bool or 0/1)")
-        array = array != 0
     return array
 
 
@@ -64,10 +46,7 @@ def f1_optimal_threshold(scores: Any, labels: Any) -> float:
     Raises:
         ValueError: no anomalous label (F1 is undefined), or malformed input.
     """
-    array = _scores(scores)
-    positive = _labels(labels, array.size)
-    positives = np.sort(array[positive])
-    negatives = np.sort(array[~positive])
+    positives, negatives = split_sorted(np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1))
     if positives.size == 0:
         raise ValueError(
             "an F1-optimal threshold needs anomalous calibration images (or pixels); these have none"
@@ -95,7 +74,7 @@ def fpr_threshold(normal_scores: Any, target_fpr: float) -> float:
     """
     if isinstance(target_fpr, bool) or not 0.0 <= float(target_fpr) < 1.0:
         raise ValueError(f"a target false-positive rate must be in [0, 1), got {target_fpr!r}")
-    array = _scores(normal_scores, "normal scores")
+    array = scores_array(normal_scores, "normal scores").reshape(-1)
     n = array.size
     k = allowed_false_positives(target_fpr, n)
     # The (n - k)-th smallest score must fall below the threshold; the next value above it is the lowest
