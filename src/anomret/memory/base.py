@@ -44,6 +44,13 @@ class MemoryBank(Protocol):
         """Raise a clear error when the bank's feature sizes differ from the encoder's (``dims``)."""
 
 
+@runtime_checkable
+class AppendableSettings(Protocol):
+    """The settings of a kind whose banks take new images (``supports_append``): ``append`` asks for it."""
+
+    append: bool
+
+
 class BankBuilder(Protocol):
     def add(self, features: Features, batch: Batch) -> None:
         """Add one batch of the memory pass (its features, masks, labels and dataset indices)."""
@@ -112,7 +119,7 @@ class MemorySettings:
     def builder(self, encoder: Encoder) -> BankBuilder:
         raise NotImplementedError
 
-    def bank_class(self) -> type:
+    def bank_class(self) -> type[MemoryBank]:
         raise NotImplementedError
 
     def open(self, path: str | Path) -> MemoryBank:

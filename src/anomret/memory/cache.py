@@ -23,7 +23,7 @@ from typing import Any
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder
 from anomret.fingerprint import digest
-from anomret.memory.base import MemorySettings
+from anomret.memory.base import AppendableSettings, MemorySettings
 from anomret.memory.store import BankError, BankStatus, check_bank, read_bank_metadata
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def decide_bank(settings: MemorySettings, plan: BankPlan, samples: SampleTable) 
     holds a bank built from other data or settings (unless ``rebuild``).
     """
     path = plan.path
-    if settings.supports_append and settings.append and path.exists() and not settings.rebuild:
+    appending = settings.supports_append and isinstance(settings, AppendableSettings) and settings.append
+    if appending and path.exists() and not settings.rebuild:
         missing = settings.missing_images(path, plan.metadata, samples)
         if missing:
             return BankDecision("append", tuple(missing), f"it lacks {len(missing)} of this run's images")

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,14 @@ def patch_cell_labels(masks: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Ten
     return resized >= 1 - _EXACT, resized <= _EXACT
 
 
+@overload
+def region_prototypes(
+    patches: Tensor, masks: Tensor, *, with_owners: Literal[False] = ...
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def region_prototypes(
+    patches: Tensor, masks: Tensor, *, with_owners: Literal[True]
+) -> tuple[Tensor, Tensor, Tensor]: ...
 def region_prototypes(
     patches: Tensor, masks: Tensor, *, with_owners: bool = False
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:

@@ -100,7 +100,7 @@ class RowSpill:
         if name not in self._handles:
             # Unbuffered: each batch goes to the file (the page cache) at once, with no copy held here.
             self._handles[name] = open(self.directory / f"{name}.bin", "ab", buffering=0)  # noqa: SIM115
-        data = memoryview(array).cast("B")
+        data = array.data.cast("B")
         while data:  # a raw write may take fewer bytes than offered
             data = data[self._handles[name].write(data) :]
         self._layout[name] = (dtype, row_shape, count + array.shape[0])
@@ -168,7 +168,7 @@ class MergedRows:
         with open(path, "rb", buffering=0) as handle:
             for first, last in zip(starts.tolist(), ends.tolist(), strict=True):
                 handle.seek(int(ordered[first]) * row_bytes)
-                target = memoryview(buffer[first:last]).cast("B")
+                target = buffer[first:last].data.cast("B")
                 while target:  # a raw read may return fewer bytes than asked
                     count = handle.readinto(target)
                     if not count:

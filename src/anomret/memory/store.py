@@ -151,7 +151,7 @@ def save_bank_streaming(
                     raise ValueError(
                         f"{name}: piece {piece.dtype} {tuple(piece.shape)} does not fit {tensor}"
                     )
-                data = memoryview(piece.detach().cpu().contiguous().numpy()).cast("B")  # no copy
+                data = piece.detach().cpu().contiguous().numpy().data.cast("B")  # no copy
                 with naming_failed_writes(path, _ELSEWHERE):
                     handle.write(data)
                 written += data.nbytes
@@ -273,7 +273,7 @@ def load_bank(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         ) from error
 
 
-_NUMPY_DTYPES = {
+_NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "F16": np.float16,
     "F32": np.float32,
     "F64": np.float64,
@@ -283,7 +283,7 @@ _NUMPY_DTYPES = {
 }
 
 
-def open_memmap(path: str | Path) -> dict[str, np.memmap]:
+def open_memmap(path: str | Path) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a safetensors file read-only, without reading its data.
 
     Indexing a map reads only the rows asked for (the page cache does the rest), so banks larger than
@@ -292,7 +292,7 @@ def open_memmap(path: str | Path) -> dict[str, np.memmap]:
     return open_bank_memmap(path)[0]
 
 
-def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, Any]]:
+def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """:func:`open_memmap` and the bank's metadata, both from one open file: a bank replaced meanwhile
     (renamed over by a writer) can never give the rows of one file and the metadata of another."""
     path = Path(path)
@@ -313,7 +313,8 @@ def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, 
             raise BankError(f"{path} is a safetensors file but not an anomret memory bank (no metadata).")
         metadata = parse_metadata(path, header["__metadata__"][METADATA_KEY])
         offset = 8 + header_size
-        maps = {}
+        # Memory maps, and plain arrays for the empty tensors (nothing to map).
+        maps: dict[str, np.ndarray] = {}
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -324,15 +325,14 @@ def open_bank_memmap(path: str | Path) -> tuple[dict[str, np.memmap], dict[str, 
                 )
             try:
                 shape, (start, end) = tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
-                size_ok = (
-                    end - start
-                    == int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_DTYPES[kind]).itemsize
-                )
+                if kind is None:  # the header names no dtype
+                    raise KeyError("dtype")
+                dtype = np.dtype(_NUMPY_DTYPES[kind])
+                size_ok = end - start == int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             except (KeyError, TypeError, ValueError) as error:
                 raise BankError(
                     f"memory bank {path}: the header of tensor {name!r} is malformed. {fix}"
                 ) from error
-            dtype = np.dtype(_NUMPY_DTYPES[kind])
             if not size_ok or start < 0 or offset + end > size:
                 raise BankError(
                     f"memory bank {path}: tensor {name!r} of shape {list(shape)} does not fit its place in the "
