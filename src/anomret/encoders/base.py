@@ -57,8 +57,8 @@ class Preprocess:
 
     resize: int
     crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one value per channel
+    std: tuple[float, ...]
     interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:

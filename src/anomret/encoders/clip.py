@@ -36,7 +36,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import load_checkpoint
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from anomret.encoders.base import Encoder, Features
@@ -264,7 +264,7 @@ class CLIPEncoder(Encoder):
         config.pop("custom_text", None)
         return config
 
-    def _build(self, quick_gelu: bool | None, cache_dir: str | None) -> nn.Module:
+    def _build(self, quick_gelu: bool | None, cache_dir: str | None) -> open_clip.CLIP:
         source = self.weights
         tag_config: dict[str, Any] = {}
         path = None
@@ -321,7 +321,7 @@ class CLIPEncoder(Encoder):
                     f"{self.arch}: V-V attention needs open_clip's standard ResidualAttentionBlock"
                 )
 
-    def _resize_positions(self, visual: nn.Module) -> None:
+    def _resize_positions(self, visual: VisionTransformer) -> None:
         grid = self.image_size // self.patch_size
         resized = resize_position_embedding(
             visual.positional_embedding.data, grid, self.pos_embed_interpolation

@@ -15,7 +15,7 @@ The tower's weights never receive gradients; the prompt tensors passed in do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import open_clip
@@ -36,7 +36,11 @@ class CLIPTextEncoder(nn.Module):
         deep_start: 1-based block number that receives the first deep prompt.
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer: object, deep_start: int = 2) -> None:
+    attn_mask: Tensor  # a buffer: the causal mask of the text blocks
+
+    def __init__(
+        self, clip_model: open_clip.CLIP, tokenizer: Callable[[list[str]], Tensor], deep_start: int = 2
+    ) -> None:
         super().__init__()
         if getattr(clip_model, "transformer", None) is None:
             raise ValueError("this CLIP model has no text tower (built with keep_text=False)")

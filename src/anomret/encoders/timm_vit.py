@@ -22,12 +22,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 
 import timm
 import torch
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
-from torch import Tensor
+from torch import Tensor, nn
 
 from anomret.encoders.base import Encoder, Features
 from anomret.encoders.postprocess import (
@@ -60,6 +60,39 @@ META_ROPE_PERIODS_KEY = "rope_embed.periods"
 PERIODS_FROM_CHECKPOINT = "checkpoint"
 PERIODS_FP32_ROUNDED_BF16 = "fp32_rounded_bf16"
 PERIODS_FP32 = "fp32"
+
+
+class PatchEmbedding(Protocol):
+    @property
+    def patch_size(self) -> int | tuple[int, int]: ...
+
+
+class TimmViT(Protocol):
+    """What the encoder reads of a timm model of the ViT family (``VisionTransformer``, ``Eva``: DINOv2,
+    DINOv3, EVA, ...); the blocks' outputs come from timm's own ``forward_intermediates``."""
+
+    @property
+    def blocks(self) -> nn.Sequential | nn.ModuleList: ...
+
+    @property
+    def patch_embed(self) -> PatchEmbedding: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        *,
+        indices: list[int],
+        norm: bool,
+        output_fmt: str,
+        intermediates_only: Literal[True],
+        return_prefix_tokens: bool,
+        stop_early: bool,
+    ) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
+        """One output per block in ``indices``: ``(tokens, prefix tokens)`` with ``return_prefix_tokens``."""
+        ...
 
 
 class TimmViTEncoder(Encoder):
@@ -119,7 +152,8 @@ class TimmViTEncoder(Encoder):
         self.model_kwargs: dict[str, Any] = plain(dict(model_kwargs or {}))
         self.weights = resolve_weights(pretrained, encoder_name=self.name, seed=seed)
         self._weights_path: str | None = None
-        self.model = self._build(cache_dir)
+        # timm's factory is typed as returning any nn.Module; model_name names a ViT-family model.
+        self.model = cast(TimmViT, self._build(cache_dir))
         self.rope_periods = self._set_rope_periods(rope_periods)
 
         depth = len(self.model.blocks)
@@ -168,10 +202,11 @@ class TimmViTEncoder(Encoder):
             # timm's fp32 schedule (built on the CPU, also when the model sits on the meta device).
             pin_rope_periods(rope, rope._compute_periods().to(torch.bfloat16).float())
             return PERIODS_FP32_ROUNDED_BF16
-        if stored.shape != rope.periods.shape:
+        needed = rope.get_buffer("periods").shape
+        if stored.shape != needed:
             raise ValueError(
                 f"encoder {self.name}: {self._weights_path} holds {META_ROPE_PERIODS_KEY} of shape "
-                f"{tuple(stored.shape)} but {self.model_name} needs {tuple(rope.periods.shape)}; the file is "
+                f"{tuple(stored.shape)} but {self.model_name} needs {tuple(needed)}; the file is "
                 "for another architecture (check encoder.model_name and encoder.model_kwargs)"
             )
         log.info(
@@ -206,6 +241,8 @@ class TimmViTEncoder(Encoder):
                 )
             )
         if cfg.url:
+            # timm's registry gives plain URL strings ((url, filename) pairs come from custom configs).
+            assert isinstance(cfg.url, str)
             return str(fetch_url_file(cfg.url, tag=full_name, encoder_name=self.name, cache_dir=cache_dir))
         raise WeightsUnavailableError(f"encoder {self.name}: timm tag {full_name} has no download source")
 
@@ -225,11 +262,16 @@ class TimmViTEncoder(Encoder):
         patches: dict[int, Tensor] = {}
         cls = None
         for layer, output in zip(self.layers, outputs, strict=True):
-            tokens, prefix = output if self.num_prefix_tokens > 0 else (output, None)
+            # (tokens, prefix tokens) pairs exactly when return_prefix_tokens (num_prefix_tokens > 0)
+            tokens, prefix = output if isinstance(output, tuple) else (output, None)
             grid = tokens_to_grid(tokens.float(), side, side)
             if layer == self.layers[-1]:
                 # CLS sits first among the prefix tokens (then registers); without one, mean-pool.
-                cls = prefix[:, 0].float() if self.has_cls_token else grid.mean(dim=(1, 2))
+                if self.has_cls_token:
+                    assert prefix is not None  # a CLS token is a prefix token
+                    cls = prefix[:, 0].float()
+                else:
+                    cls = grid.mean(dim=(1, 2))
             if self.neighbor_kernels is not None:
                 grid = neighbor_average(grid, self.neighbor_kernels)
             patches[layer] = grid
@@ -262,10 +304,9 @@ def pin_rope_periods(rope: RotaryEmbeddingDinoV3, periods: Tensor) -> None:
     replaced on this instance as well as the buffer being overwritten.
     """
     fixed = periods.detach().to(device="cpu", dtype=torch.float32).clone()
-    if fixed.shape != rope.periods.shape:
-        raise ValueError(
-            f"RoPE periods must have shape {tuple(rope.periods.shape)}, got {tuple(fixed.shape)}"
-        )
+    needed = rope.get_buffer("periods").shape
+    if fixed.shape != needed:
+        raise ValueError(f"RoPE periods must have shape {tuple(needed)}, got {tuple(fixed.shape)}")
 
     def compute_periods(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         return fixed.to(device=device, dtype=dtype)
