@@ -43,6 +43,6 @@ def broadcast_from_zero(obj: T) -> T:
     """Rank 0's ``obj`` on every process."""
     if world_size() == 1:
         return obj
-    holder = [obj if rank() == 0 else None]
+    holder: list[Any] = [obj if rank() == 0 else None]  # rank 0's object on every process after this
     dist.broadcast_object_list(holder, src=0)
     return holder[0]

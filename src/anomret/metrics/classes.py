@@ -46,6 +46,9 @@ class _BinaryScoreMetric(Metric):
     higher_is_better = True
     full_state_update = False
     _functional_name: str
+    # States: lists of batches, concatenated into one tensor only inside a synced (distributed) compute.
+    preds: list[Tensor] | Tensor
+    target: list[Tensor] | Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -62,6 +65,7 @@ class _BinaryScoreMetric(Metric):
         if not torch.isfinite(preds).all():
             raise ValueError("preds contains NaN or infinite values")
         _check_binary(target, "target")
+        assert isinstance(self.preds, list) and isinstance(self.target, list)  # not inside a compute
         self.preds.append(_to_state(preds.flatten(), torch.float32))
         self.target.append(_to_state(target.flatten(), torch.bool))
 
@@ -105,6 +109,9 @@ class AUPRO(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # States: lists of batches, concatenated into one tensor only inside a synced (distributed) compute.
+    maps: list[Tensor] | Tensor
+    masks: list[Tensor] | Tensor
 
     def __init__(
         self,
@@ -136,6 +143,7 @@ class AUPRO(Metric):
         if not torch.isfinite(maps).all():
             raise ValueError("maps contains NaN or infinite values")
         _check_binary(masks, "masks")
+        assert isinstance(self.maps, list) and isinstance(self.masks, list)  # not inside a compute
         self.maps.append(_to_state(maps, torch.float32))
         self.masks.append(_to_state(masks, torch.bool))
 

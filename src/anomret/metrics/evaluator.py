@@ -169,9 +169,9 @@ class CategoryEvaluator:
             image_scores, torch.float64 if image_scores.dtype == torch.float64 else torch.float32
         )
         labels = _owned(labels, torch.bool)
-        keep_maps = maps is not None and self._needs_maps
-        if keep_maps:
-            maps, masks = _owned(maps, torch.float32), _owned(masks, torch.bool)
+        kept_maps = kept_masks = None
+        if maps is not None and masks is not None and self._needs_maps:  # both or neither (checked above)
+            kept_maps, kept_masks = _owned(maps, torch.float32), _owned(masks, torch.bool)
 
         for name in dict.fromkeys(names):  # first-seen order, which is the dataset's category order
             if len(names) == 1 or all(n == name for n in names):
@@ -185,9 +185,9 @@ class CategoryEvaluator:
                 raise ValueError(f"category {name!r}: some batches have anomaly maps and some do not")
             data.scores.append(image_scores if index is None else image_scores[index])
             data.labels.append(labels if index is None else labels[index])
-            if keep_maps:
-                data.maps.append(maps if index is None else maps[index])
-                data.masks.append(masks if index is None else masks[index])
+            if kept_maps is not None and kept_masks is not None:
+                data.maps.append(kept_maps if index is None else kept_maps[index])
+                data.masks.append(kept_masks if index is None else kept_masks[index])
 
     @staticmethod
     def _check_maps(maps: Tensor, masks: Tensor, batch: int) -> tuple[Tensor, Tensor]:

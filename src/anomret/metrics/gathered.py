@@ -11,6 +11,7 @@ per-image records (category, image path, label, score: ``image_scores.csv``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -19,12 +20,26 @@ from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.metrics.results import EvaluationResult, ImageScore
 
 
+@dataclass
+class _ScoredBatch:
+    """One scored batch on the CPU, as it is gathered: dataset row numbers ``[B]`` and what belongs to
+    each row; ``map``/``mask`` ``[B, H, W]`` only when the evaluator needs them."""
+
+    index: Tensor
+    category: list[str]
+    image: list[str]
+    score: Tensor
+    label: Tensor
+    map: Tensor | None
+    mask: Tensor | None
+
+
 class GatheredEvaluation:
     """Collects scored batches with their row indices; :meth:`compute` evaluates them across ranks."""
 
     def __init__(self, evaluator: CategoryEvaluator) -> None:
         self.evaluator = evaluator
-        self._batches: list[dict[str, object]] = []
+        self._batches: list[_ScoredBatch] = []
 
     def reset(self) -> None:
         self._batches = []
@@ -40,17 +55,20 @@ class GatheredEvaluation:
         masks: Tensor | None,
         image_paths: Sequence[str] | None = None,
     ) -> None:
-        keep_maps = maps is not None and self.evaluator.needs_maps
+        kept_map = kept_mask = None
+        if maps is not None and self.evaluator.needs_maps:
+            assert masks is not None  # masks come with maps
+            kept_map, kept_mask = maps.detach().cpu().float(), masks.detach().cpu().bool()
         self._batches.append(
-            {
-                "index": indices.detach().cpu().long().reshape(-1),
-                "category": [str(c) for c in categories],
-                "image": [""] * len(categories) if image_paths is None else [str(p) for p in image_paths],
-                "score": image_scores.detach().cpu().float().reshape(-1),
-                "label": labels.detach().cpu().reshape(-1),
-                "map": maps.detach().cpu().float() if keep_maps else None,
-                "mask": masks.detach().cpu().bool() if keep_maps else None,
-            }
+            _ScoredBatch(
+                index=indices.detach().cpu().long().reshape(-1),
+                category=[str(c) for c in categories],
+                image=[""] * len(categories) if image_paths is None else [str(p) for p in image_paths],
+                score=image_scores.detach().cpu().float().reshape(-1),
+                label=labels.detach().cpu().reshape(-1),
+                map=kept_map,
+                mask=kept_mask,
+            )
         )
 
     def compute(self) -> EvaluationResult:
@@ -59,13 +77,16 @@ class GatheredEvaluation:
         result = None
         if gathered is not None:
             result = self._evaluate([batch for share in gathered for batch in share])
-        return broadcast_from_zero(result)
+        result = broadcast_from_zero(result)
+        assert result is not None  # rank 0 gathered every share and evaluated them
+        return result
 
-    def _evaluate(self, batches: list[dict[str, object]]) -> EvaluationResult:
+    def _evaluate(self, batches: list[_ScoredBatch | None]) -> EvaluationResult:
         # Rows in dataset order, each once: (index, batch number, position in batch).
         seen: dict[int, tuple[int, int]] = {}
         for number, batch in enumerate(batches):
-            for position, index in enumerate(batch["index"].tolist()):
+            assert batch is not None  # none is released yet
+            for position, index in enumerate(batch.index.tolist()):
                 seen.setdefault(index, (number, position))
         self.evaluator.reset()
         order = sorted(seen)
@@ -81,21 +102,22 @@ class GatheredEvaluation:
             while end < len(order) and seen[order[end]] == (number, position + end - start):
                 end += 1
             batch = batches[number]
+            assert batch is not None  # released only after its last row was read
             rows = slice(position, position + end - start)
             self.evaluator.update(
-                batch["category"][rows],
-                batch["score"][rows],
-                batch["label"][rows],
-                None if batch["map"] is None else batch["map"][rows],
-                None if batch["mask"] is None else batch["mask"][rows],
+                batch.category[rows],
+                batch.score[rows],
+                batch.label[rows],
+                None if batch.map is None else batch.map[rows],
+                None if batch.mask is None else batch.mask[rows],
             )
             images += [
                 ImageScore(category, image, int(label), float(score))
                 for category, image, label, score in zip(
-                    batch["category"][rows],
-                    batch["image"][rows],
-                    batch["label"][rows].tolist(),
-                    batch["score"][rows].tolist(),
+                    batch.category[rows],
+                    batch.image[rows],
+                    batch.label[rows].tolist(),
+                    batch.score[rows].tolist(),
                     strict=True,
                 )
             ]

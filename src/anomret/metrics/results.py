@@ -223,7 +223,7 @@ class EvaluationResult:
         """One row per category, then a ``mean`` row; raw fractions at full precision, NaN as empty."""
 
         def cell(value: float | None) -> str:
-            return "" if _is_nan(value) else repr(float(value))
+            return "" if value is None or _is_nan(value) else repr(float(value))
 
         def write(handle: Any) -> None:
             writer = csv.writer(handle, lineterminator="\n")
@@ -254,7 +254,7 @@ class EvaluationResult:
         """
 
         def percent(value: float | None) -> str:
-            return "–" if _is_nan(value) else f"{100 * value:.1f}"
+            return "–" if value is None or _is_nan(value) else f"{100 * value:.1f}"
 
         columns = [
             Column("category", shrinkable=True),
