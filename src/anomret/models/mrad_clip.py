@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from inspect import signature
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ from anomret.models.mrad_ft import MRADFT, upsample_probabilities
 from anomret.models.projections import ProjectedMemory
 from anomret.models.prompts import MRADPromptLearner, cosine_classifier, region_priors
 from anomret.retrieval.softmax import SoftmaxRetriever
+
+if TYPE_CHECKING:
+    from anomret.encoders.clip_text import CLIPTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,8 @@ class MRADCLIP(MRADFT):
         official_checkpoint: str | None = None,
         **ft_options: Any,
     ) -> None:
-        if not callable(getattr(encoder, "text_encoder", None)):
+        text_encoder = getattr(encoder, "text_encoder", None)
+        if not callable(text_encoder):
             raise ValueError(
                 f"MRAD-CLIP needs a CLIP encoder with its text tower (encoder=clip_vit_l14_336 or tiny_clip), "
                 f"got {type(encoder).__name__}. Fix: choose a CLIP encoder, or use method=mrad_ft."
@@ -109,7 +113,8 @@ class MRADCLIP(MRADFT):
             options.get("deep_start", signature(MRADPromptLearner).parameters["deep_start"].default)
         )
         # Registered (not only held by the prompt learner) so its buffers follow the module's device.
-        self.text = text = encoder.text_encoder(deep_start=deep_start)
+        text: CLIPTextEncoder = text_encoder(deep_start=deep_start)
+        self.text = text
         self.prompts = MRADPromptLearner(text, prior_dim=encoder.cls_dim, **options)
         if official_checkpoint:
             self.load_official(official_checkpoint)
@@ -167,7 +172,7 @@ class MRADCLIP(MRADFT):
         masks = batch.binary_masks
         probs, _ = self.text_probabilities(features, self.projected_memory(), dropout=True)
         loss = segmentation_loss(
-            upsample_probabilities(probs, tuple(masks.shape[-2:])), masks, normal_dice=True
+            upsample_probabilities(probs, (masks.shape[-2], masks.shape[-1])), masks, normal_dice=True
         )
         return loss, {"text": loss.detach()}
 

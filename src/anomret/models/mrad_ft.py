@@ -113,7 +113,7 @@ class MRADFT(MRADTF):
         )
         self.lr, self.betas, self.weight_decay = (
             float(lr),
-            tuple(float(b) for b in betas),
+            (float(betas[0]), float(betas[1])),
             float(weight_decay),
         )
         self.lr_schedule, self.min_lr = lr_schedule, float(min_lr)
@@ -146,7 +146,7 @@ class MRADFT(MRADTF):
     def projected_memory(self) -> ProjectedMemory:
         """The bank with its keys projected once by the current (frozen) heads."""
         if self._projected is None:
-            self._projected = self.heads.project_keys(self.bank)
+            self._projected = self.heads.project_keys(self.labeled_bank)
         return self._projected
 
     def on_test_start(self) -> None:
@@ -168,9 +168,11 @@ class MRADFT(MRADTF):
     def ft_loss(self, features: Features, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """``focal + dice(P₁, g) + CE(r / 0.07, y)`` with the similarity dropout (the FT stage)."""
         masks = batch.binary_masks
-        patch = self.heads.retrieve_patches(features.patches[self.layer], self.bank, dropout=True)
-        image = self.heads.retrieve_images(features.cls, self.bank, dropout=True)
-        segmentation = segmentation_loss(upsample_probabilities(patch, tuple(masks.shape[-2:])), masks)
+        bank = self.labeled_bank
+        patch = self.heads.retrieve_patches(features.patches[self.layer], bank, dropout=True)
+        image = self.heads.retrieve_images(features.cls, bank, dropout=True)
+        size = (masks.shape[-2], masks.shape[-1])
+        segmentation = segmentation_loss(upsample_probabilities(patch, size), masks)
         classification = image_retrieval_loss(image, batch.label, self.image_loss_temperature)
         loss = segmentation + classification
         return loss, {"segmentation": segmentation.detach(), "image": classification.detach()}

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from anomret.encoders.base import Encoder, Features
 from anomret.maps import AnomalyMapper, ImageScorer
+from anomret.memory.base import MemoryBank
 from anomret.memory.labeled import LabeledMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
@@ -48,17 +49,30 @@ class MRADTF(RetrievalModule):
         self.retriever = retrieval
 
     @property
-    def layer(self) -> int:
-        if self.bank is None or self.bank.layer is None:
-            raise RuntimeError("no labelled memory bank attached")
-        return self.bank.layer
+    def labeled_bank(self) -> LabeledMemoryBank:
+        """The attached bank: a labelled one (``attach_memory`` accepts only banks of that kind)."""
+        bank = self.bank
+        if bank is None:
+            raise RuntimeError(
+                f"{self.method}: no labelled memory bank attached (the run builds or loads one first)"
+            )
+        if not isinstance(bank, LabeledMemoryBank):
+            raise TypeError(f"{self.method} reads a labelled memory bank, got {type(bank).__name__}")
+        return bank
 
-    def memory_dims(self, bank: LabeledMemoryBank) -> dict[str, int]:
+    @property
+    def layer(self) -> int:
+        layer = None if self.bank is None else self.labeled_bank.layer
+        if layer is None:
+            raise RuntimeError("no labelled memory bank attached")
+        return layer
+
+    def memory_dims(self, bank: MemoryBank) -> dict[str, int]:
         return {"image": self.encoder.cls_dim, "patch": self.encoder.patch_dim}
 
     def retrieve(self, features: Features) -> tuple[Tensor, Tensor]:
         """Anomalous probabilities: per patch ``[B, h, w]`` and per image ``[B]``."""
-        bank = self.bank
+        bank = self.labeled_bank
         patch = self.retriever(features.patches[self.layer], bank.patch_keys, bank.patch_values)[..., 1]
         image = self.retriever(features.cls, bank.image_keys, bank.image_values)[..., 1]
         return patch, image

@@ -131,6 +131,12 @@ class MRADPromptLearner(nn.Module):
         round_deep_prompts: round deep prompts to fp16 before use, as the official code does.
     """
 
+    text: CLIPTextEncoder  # a plain attribute, not a submodule (see above)
+    # Buffers: the prompts' token ids and the frozen embeddings around the context slots.
+    token_ids: Tensor
+    prefix: Tensor
+    suffix: Tensor
+
     def __init__(
         self,
         text: CLIPTextEncoder,
