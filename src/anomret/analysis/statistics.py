@@ -191,17 +191,18 @@ class SimilarityPass(LightningModule):
         self.per_image: dict[int, tuple[str, dict[str, SimilarityStatistics]]] = {}
 
     def on_predict_start(self) -> None:
-        self.model.bank = self.model.bank.to(self.device)
+        self.model.bank = self.model.labeled_bank.to(self.device)
         self.per_image = {}
 
     @torch.no_grad()
     def predict_step(self, batch: Batch, batch_idx: int) -> None:
         model = self.model
-        bank = model.bank
+        bank = model.labeled_bank
         queries = model.features(batch).patches[model.layer]
-        anomalous, normal = patch_cell_labels(batch.mask, tuple(queries.shape[1:3]))
+        anomalous, normal = patch_cell_labels(batch.mask, (queries.shape[1], queries.shape[2]))
         settings = {"TF": model.retriever(queries, bank.patch_keys, bank.patch_values)[..., 1]}
         if self.fine_tuned:
+            assert isinstance(model, MRADFT)  # fine_tuned is set for MRAD-FT models only
             settings["FT"] = model.heads.patch_scores(queries, model.projected_memory(), dropout=False)
         for row, (index, category) in enumerate(zip(batch.index.tolist(), batch.category, strict=True)):
             statistics = {}
