@@ -175,6 +175,7 @@ class AnomalyDataModule(LightningDataModule):
         """The auxiliary source in row order, for the memory pass."""
         if self.aux_samples is None:
             self.setup("fit")
+        assert self.aux_samples is not None  # setup("fit") loads them (or raises)
         return self._loader(self.aux_samples, self.batch_size, shuffle=False)
 
     def memory_dataloader(self, samples: SampleTable) -> DataLoader:
@@ -184,10 +185,12 @@ class AnomalyDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.aux_samples is None:
             self.setup("fit")
+        assert self.aux_samples is not None  # setup("fit") loads them (or raises)
         return self._loader(self.aux_samples, self.batch_size, self.shuffle_aux)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_samples is None:
             self.setup("test")
+        assert self.test_samples is not None  # setup("test") loads them
         # Category order is kept: the evaluator and the overlays group consecutive images.
         return self._loader(self.test_samples, self.eval_batch_size, shuffle=False)

@@ -149,7 +149,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise _unreadable(path, error) from error
     array = np.nan_to_num(array, nan=0.0) if array.dtype.kind == "f" else array
     if array.ndim == 3:
-        return (array > 0).any(axis=-1)
+        anomalous = (array > 0).any(axis=-1)
+        assert isinstance(anomalous, np.ndarray)  # a 3-d array reduces to a 2-d one, not a scalar
+        return anomalous
     return array > 0
 
 
@@ -220,7 +222,9 @@ def _is_high_depth_multiband_tiff(image: Image.Image) -> bool:
     bits = getattr(image, "tag_v2", {}).get(258)  # BitsPerSample
     if isinstance(bits, int):
         bits = (bits,)
-    return bool(bits) and max(bits) > _HIGH_DEPTH_TIFF_BITS
+    if not bits:
+        return False
+    return max(bits) > _HIGH_DEPTH_TIFF_BITS
 
 
 def _read_tiff_multiband(path: Path, image: Image.Image) -> np.ndarray | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import SupportsIndex, overload
 
 NORMAL = 0
 ANOMALOUS = 1
@@ -51,7 +52,11 @@ class SampleTable(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self._samples)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> SampleTable: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> Sample | SampleTable:
         if isinstance(index, slice):
             return SampleTable(self._samples[index])
         return self._samples[index]
@@ -96,7 +101,7 @@ class SampleTable(Sequence[Sample]):
             groups.setdefault(sample.category, []).append(sample)
         return {name: SampleTable(rows) for name, rows in groups.items()}
 
-    def count(self, label: int | None = None) -> int:  # type: ignore[override]
+    def count(self, label: int | None = None) -> int:
         return sum(1 for sample in self._samples if label is None or sample.label == label)
 
     @property

@@ -36,8 +36,8 @@ def read_headct(root: Path, spec: DatasetSpec) -> Meta:
         converted = read_converted_single(root, spec, BRAIN)
         if converted is not None:
             return converted
-        missing = labels_csv if not labels_csv.is_file() else root / "head_ct" / "head_ct"
-        raise spec.layout_error(root, f"{missing} does not exist")
+        absent = labels_csv if not labels_csv.is_file() else root / "head_ct" / "head_ct"
+        raise spec.layout_error(root, f"{absent} does not exist")
 
     with open(labels_csv, newline="") as handle:
         reader = csv.reader(handle)

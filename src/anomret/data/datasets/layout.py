@@ -212,13 +212,13 @@ def pair_by_stem(
     for image in images:
         stem = image.stem.lower()
         # An exact stem match wins ("000.png" mask for "000.png"), then a suffixed one ("000_mask").
-        mask = by_stem.get(stem)
-        if mask is None:
+        found = by_stem.get(stem)
+        if found is None:
             candidates = [m for m in by_key.get(stem, []) if m.stem.lower() != stem]
             if len(candidates) > 1:
                 raise _duplicate_mask(dataset, *candidates[:2])
-            mask = candidates[0] if candidates else None
-        if mask is None:
+            found = candidates[0] if candidates else None
+        if found is None:
             if require_all:
                 raise InvalidSampleError(
                     f"{dataset}: anomalous image {image} has no mask.\n"
@@ -227,7 +227,7 @@ def pair_by_stem(
                     "Fix: restore the missing mask from the original archive, or remove the image."
                 )
             continue
-        pairs[image] = mask
+        pairs[image] = found
 
     used = set(pairs.values())
     orphans = [mask for mask in masks if mask not in used]

@@ -105,7 +105,7 @@ def _read_category(
                 f"{spec.name}: {json_path} ({split}): anomalous image {image} (anomaly_class {defect!r}) has "
                 "no mask_path.\nFix: restore the published realiad_jsons files."
             )
-        mask = base / mask_path if anomalous else None
+        mask = base / mask_path if anomalous and mask_path else None
         referenced.append(image)
         if mask is not None:
             referenced.append(mask)
