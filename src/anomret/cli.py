@@ -159,7 +159,7 @@ def user_errors(hydra: bool = True) -> Iterator[None]:
         signal.signal(signum, _raise_interrupted)
     stderr = sys.stderr
     if hydra and not debug:
-        sys.stderr = _StderrWithoutHydraJobLine(stderr)  # type: ignore[assignment]
+        sys.stderr = _StderrWithoutHydraJobLine(stderr)
     try:
         if hydra:
             # -v / --verbose is the run's verbose=true (Hydra itself takes no such flag).

@@ -44,9 +44,11 @@ def use_job_command_for_ddp() -> None:
     from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
     from lightning.pytorch.strategies.launchers import subprocess_script as pytorch_launcher
 
-    for module in (fabric_launcher, pytorch_launcher):
-        if hasattr(module, "_hydra_subprocess_cmd"):
-            module._hydra_subprocess_cmd = lambda local_rank: job_command(local_rank)
+    # Each launcher module calls the function through its own name for it.
+    if hasattr(fabric_launcher, "_hydra_subprocess_cmd"):
+        fabric_launcher._hydra_subprocess_cmd = lambda local_rank: job_command(local_rank)
+    if hasattr(pytorch_launcher, "_hydra_subprocess_cmd"):
+        pytorch_launcher._hydra_subprocess_cmd = lambda local_rank: job_command(local_rank)
 
 
 # Set by Lightning's launcher in the launching process; left set, they make the next job of a sweep

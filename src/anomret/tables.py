@@ -141,16 +141,19 @@ def fitted_table(
     layout = plan_layout(columns, rows, width)
     moved = [f"{columns[i].header.replace(chr(10), ' ')}: {rows[0].cells[i]}" for i in layout.moved if rows]
     captions = [text for text in (" · ".join(moved), caption) if text]
-    options: dict[str, object] = {"title": title, "caption": "\n".join(captions) or None}
-    if not layout.boxed:
-        options.update(
+    joined = "\n".join(captions) or None
+    if layout.boxed:
+        table = Table(title=title, caption=joined)
+    else:
+        table = Table(
+            title=title,
+            caption=joined,
             box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
             # Right padding only; the box's blank divider adds the rest of the gap.
             padding=(0, layout.separator - 1, 0, 0),
         )
-    table = Table(**options)
     headers = layout.headers(columns)
     kept = [i for i in range(len(columns)) if i not in layout.moved]
     for i in kept:
