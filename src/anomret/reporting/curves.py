@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "F1_MAX_LABEL",
@@ -31,21 +32,21 @@ F1_MAX_LABEL = "F1-max threshold on these test scores"
 SAVED_LABEL = "saved image threshold"
 
 
-def _counts(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _counts(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives at each distinct score, highest score first, and those scores."""
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.size} scores but {labels.size} labels")
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    true_positives = np.cumsum(labels)[last_of_each]
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    truth = np.asarray(labels).reshape(-1).astype(bool)
+    if values.shape != truth.shape:
+        raise ValueError(f"{values.size} scores but {truth.size} labels")
+    order = np.argsort(-values, kind="mergesort")
+    values, truth = values[order], truth[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
+    true_positives = np.cumsum(truth)[last_of_each]
     false_positives = last_of_each + 1 - true_positives
-    return true_positives.astype(np.float64), false_positives.astype(np.float64), scores[last_of_each]
+    return true_positives.astype(np.float64), false_positives.astype(np.float64), values[last_of_each]
 
 
-def roc_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_points(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` at every distinct score, starting at ``(0, 0)`` with threshold ``inf``.
 
     A rate whose denominator is zero (no normal or no anomalous image) is NaN.
@@ -58,7 +59,7 @@ def roc_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarr
     return fpr, tpr, np.r_[np.inf, thresholds]
 
 
-def pr_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pr_points(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(precision, recall, thresholds)``: thresholds increasing, then the final point ``(1, 0)``.
 
     Without anomalous images recall is 1 at every threshold (as scikit-learn sets it).
@@ -70,7 +71,7 @@ def pr_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarra
     return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
 
 
-def f1_max_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
+def f1_max_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     """``(threshold, F1)``: the threshold among the scores with the highest F1 (the higher one on ties).
 
     NaN for both when there is no anomalous image (F1 is undefined).

@@ -141,7 +141,7 @@ def _is_nan(value: float | None) -> bool:
 
 
 def _percent(value: float | None) -> str:
-    return "–" if _is_nan(value) else f"{100 * value:.1f}"
+    return "–" if value is None or _is_nan(value) else f"{100 * value:.1f}"
 
 
 def _anchor(text: str) -> str:
@@ -162,9 +162,11 @@ def best_cells(columns: Sequence[Sequence[float | None]], decimals: int = 1) -> 
     same are marked together. Undefined values are never best; a column with fewer than two defined
     values has no best.
     """
-    marked = []
+    marked: list[set[int]] = []
     for values in columns:
-        shown = {i: round(100 * v, decimals) for i, v in enumerate(values) if not _is_nan(v)}
+        shown = {
+            i: round(100 * v, decimals) for i, v in enumerate(values) if v is not None and not _is_nan(v)
+        }
         if len(shown) < 2:
             marked.append(set())
             continue

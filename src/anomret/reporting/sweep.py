@@ -167,7 +167,7 @@ def _is_nan(value: float | None) -> bool:
 
 
 def _percent(value: float | None) -> str:
-    return "–" if _is_nan(value) else f"{100 * value:.1f}"
+    return "–" if value is None or _is_nan(value) else f"{100 * value:.1f}"
 
 
 def _number(value: str | None) -> float | None:
@@ -339,6 +339,7 @@ class SweepReport:
         for job in self.jobs:
             value = job.overrides.get(key, "")
             x = _number(value) if numeric else categories.index(value)
+            assert x is not None  # numeric: every job's value of key is a number
             label = ", ".join(f"{k}={job.overrides.get(k, '')}" for k in others)
             lines.setdefault(label, []).append((float(x), self.job_mean(job)[metric]))
         return {label: sorted(points) for label, points in lines.items()}
@@ -418,7 +419,11 @@ class SweepReport:
         written = {}
         for key, png in (self.draw_plots() if drawn is None else drawn).items():
             path = Path(out_dir) / f"metrics_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
-            written[key] = _write_atomic(path, lambda handle, png=png: handle.write(png), binary=True)
+
+            def write_png(handle: Any, png: bytes = png) -> None:
+                handle.write(png)
+
+            written[key] = _write_atomic(path, write_png, binary=True)
         return written
 
     # ---------------------------------------------------------------------------------------- write
@@ -623,14 +628,15 @@ def paper_table(report: SweepReport) -> PaperTable:
                 "or leave out --paper"
             )
         by_dataset[job.dataset] = job
-    rows, counted = [], {m: [] for m in PAPER_METRICS}
+    rows: list[PaperRow] = []
+    counted: dict[str, list[float]] = {m: [] for m in PAPER_METRICS}
     known = {d.name: d for d in PAPER_DATASETS}
     for spec in PAPER_DATASETS:
-        job = by_dataset.get(spec.name)
-        if job is None:
+        listed = by_dataset.get(spec.name)
+        if listed is None:
             continue
-        values = report.job_mean(job)
-        rows.append(PaperRow(spec.label, spec.group, {m: values[m] for m in PAPER_METRICS}, job.name))
+        values = report.job_mean(listed)
+        rows.append(PaperRow(spec.label, spec.group, {m: values[m] for m in PAPER_METRICS}, listed.name))
         for metric in PAPER_METRICS:
             in_table = spec.image if metric in _IMAGE_METRICS else spec.pixel
             if in_table and not _is_nan(values[metric]):
