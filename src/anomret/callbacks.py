@@ -97,9 +97,7 @@ def _merge(
 def select_overlays(pools: dict[str, list[_Kept]], n: int) -> list[_Kept]:
     """Up to ``n`` distinct images, taken in turn from the pools (each sorted best first)."""
     ordered = {
-        pool: sorted(
-            pools.get(pool, []), key=lambda k, pool=pool: _rank(pool, k.score, k.index), reverse=True
-        )
+        pool: sorted(pools.get(pool, []), key=lambda k: _rank(pool, k.score, k.index), reverse=True)
         for pool in POOLS
     }
     chosen: dict[int, _Kept] = {}
@@ -173,7 +171,8 @@ class OverlayWriter(Callback):
             return
         maps = outputs["anomaly_map"].detach().float().cpu()
         scores = outputs["image_score"].detach().float().cpu()
-        samples = getattr(trainer.datamodule, "test_samples", None)
+        # Lightning sets Trainer.datamodule when a loop starts but does not declare it.
+        samples = getattr(trainer.datamodule, "test_samples", None)  # type: ignore[attr-defined]
         for i, category in enumerate(batch.category):
             low, high = float(maps[i].min()), float(maps[i].max())
             bounds = self._ranges.setdefault(category, [low, high])
@@ -204,7 +203,7 @@ class OverlayWriter(Callback):
         if not trainer.is_global_zero or shares is None:
             return
         pools, ranges = _merge(shares, self.n_per_category)
-        preprocess = trainer.datamodule.preprocess
+        preprocess = trainer.datamodule.preprocess  # type: ignore[attr-defined]  # set, not declared
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         rows = []
         for category, category_pools in pools.items():
@@ -341,7 +340,7 @@ class PredictionWriter(BasePredictionWriter):
             np.save(map_path, maps[i])
             # A strided subsample is enough to place the colour range; all values would not fit in memory.
             self._samples.append(maps[i].reshape(-1)[:: max(1, maps[i].size // 4096)])
-            row = {"image_path": image_path, "category": batch.category[i]}
+            row: dict[str, Any] = {"image_path": image_path, "category": batch.category[i]}
             row.update({name: float(values[i]) for name, values in scores.items()})
             row["map_max"] = float(maps[i].max())
             if self.thresholds is not None:

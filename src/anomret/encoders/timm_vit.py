@@ -311,7 +311,7 @@ def pin_rope_periods(rope: RotaryEmbeddingDinoV3, periods: Tensor) -> None:
     def compute_periods(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         return fixed.to(device=device, dtype=dtype)
 
-    rope._compute_periods = compute_periods  # type: ignore[method-assign]
+    rope._compute_periods = compute_periods  # type: ignore[method-assign]  # replaced on this instance only
     rope._init_buffers()  # refills ``periods`` (and the cached embedding of fixed-size models)
 
 

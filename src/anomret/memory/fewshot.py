@@ -44,7 +44,11 @@ def select_images(
         if categories is not None and category not in categories:
             chosen.update(positions)
             continue
-        n = shots if shots is not None else max(1, round(float(fraction) * len(positions)))  # type: ignore[arg-type]
+        if shots is not None:
+            n = shots
+        else:
+            assert fraction is not None  # one of them is set (without either, all samples returned above)
+            n = max(1, round(float(fraction) * len(positions)))
         ordered = sorted(positions, key=lambda p: str(samples[p].image_path))
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(category.encode()))
         permutation = torch.randperm(len(ordered), generator=generator).tolist()

@@ -33,7 +33,9 @@ def read_dagm(root: Path, spec: DatasetSpec) -> Meta:
         raise spec.layout_error(root, "no Class1 ... Class10 folders")
     builder = MetaBuilder(root)
     for folder in classes:
-        category = f"Class{int(_CLASS.match(folder.name).group(1))}"  # type: ignore[union-attr]
+        match = _CLASS.match(folder.name)
+        assert match is not None  # classes holds only the folders it matches
+        category = f"Class{int(match.group(1))}"
         published = [find_dir(folder, split) for split in ("Train", "Test")]
         if not any(split is not None and find_dir(split, "Label") is not None for split in published):
             # The MVTec-style copy written by AdaCLIP's dagm-pre.py: {train,test}/{good,defect}.
