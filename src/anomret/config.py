@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -27,6 +27,14 @@ def config_dir() -> Path:
         + ", ".join(str(c) for c in candidates)
         + "). Reinstall the package, or set ANOMRET_CONFIG_DIR to a conf/ directory."
     )
+
+
+def resolved_dict(node: DictConfig) -> dict[str, Any]:
+    """A config mapping, interpolations resolved, as plain dicts and lists."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)  # a DictConfig converts to a dict
+    # omegaconf types keys as any of its key types; a config's keys are option names.
+    return cast(dict[str, Any], values)
 
 
 def _join_nonempty(separator: str, *parts: Any) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import anomret
+from anomret.config import resolved_dict
 from anomret.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,14 @@ def _run_files(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     for key in ("bank", "checkpoint", "thresholds"):
         if artifacts.get(key) and not Path(artifacts[key]).is_file():
             raise PackageError(f"{run_dir}'s {key} {artifacts[key]} no longer exists; export needs it")
-    return OmegaConf.load(run_dir / "config.yaml"), artifacts
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert isinstance(cfg, DictConfig)  # a run's config.yaml is the mapping Hydra composed
+    return cfg, artifacts
 
 
 def _model_config(run_cfg: DictConfig) -> DictConfig:
     kept = {key: run_cfg.get(key) for key in _KEPT if key in run_cfg}
-    cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(kept), resolve=True))
+    cfg = OmegaConf.create(resolved_dict(OmegaConf.create(kept)))
     cfg.features = {"enabled": False, "dir": None, "dtype": "fp16"}  # in-memory images: no feature store
     cfg.data.num_workers = 0
     return cfg
@@ -306,6 +309,7 @@ def open_package(path: str | Path) -> PackageContents:
             ", ".join(f"{key} {old} (here {new})" for key, (old, new) in changed.items()),
         )
     cfg = OmegaConf.load(root / CONFIG)
+    assert isinstance(cfg, DictConfig)  # written by export as a mapping, and its digest checked above
     cfg.memory.path = str(root / BANK)
     cfg.ckpt_path = str(root / TRAINED) if cfg.get("ckpt_path") else None
     cfg.calibration = {"thresholds": str(root / THRESHOLDS)}

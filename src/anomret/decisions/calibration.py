@@ -30,6 +30,7 @@ import torch
 from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
 
+from anomret.config import resolved_dict
 from anomret.data.batch import Batch
 from anomret.data.samples import NORMAL, SampleTable
 from anomret.decisions.record import Thresholds, ThresholdsError, scoring_identity
@@ -82,9 +83,7 @@ class CalibrationSettings:
 
     @classmethod
     def from_config(cls, node: Any) -> CalibrationSettings:
-        values = (
-            OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-        )
+        values = resolved_dict(node) if isinstance(node, DictConfig) else dict(node or {})
         unknown = sorted(set(values) - set(_KEYS))
         if unknown:
             raise CalibrationError(
@@ -184,8 +183,7 @@ def check_calibration(cfg: DictConfig) -> CalibrationSettings:
 
 # ------------------------------------------------------------------------------------------ images
 def _train_split(cfg: DictConfig) -> Any:
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    return {**dataset, "split": "train", "require_masks": False}
+    return {**resolved_dict(cfg.dataset), "split": "train", "require_masks": False}
 
 
 def _load(source: Mapping[str, Any]) -> SampleTable:
