@@ -29,9 +29,10 @@ test: $(STAMP) ## The whole test suite
 test-fast: $(STAMP) ## The fast tier: pure functions and components (no entry-point runs, no processes)
 	$(OFFLINE) $(BIN)/python -m pytest -m "not integration"
 
-lint: $(STAMP) ## ruff lint + format check
+lint: $(STAMP) ## ruff lint + format check, mypy (settings in pyproject.toml)
 	$(BIN)/ruff check src tests experiments
 	$(BIN)/ruff format --check src tests experiments
+	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests experiments
@@ -49,4 +50,4 @@ clean-logs: ## Delete run directories under logs/
 
 clean: ## Delete caches (keeps .venv, data and logs)
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
-	rm -rf .pytest_cache .ruff_cache .benchmarks
+	rm -rf .pytest_cache .ruff_cache .mypy_cache .benchmarks
