@@ -203,7 +203,7 @@ def test_a_writer_refused_by_a_busy_bank_says_so_in_one_line(tmp_path, data_dir)
     try:
         refused = _command(
             "anomret.append",
-            ["+experiment=demo_rad", f"memory.path={bank}", "+memory.lock_timeout_s=0"],
+            ["+experiment=demo_rad", f"memory.path={bank}", "memory.lock_timeout_s=0"],
             tmp_path,
             data_dir,
         )
