@@ -40,6 +40,7 @@ from anomret.memory.cache import bank_identity, find_bank, plan_bank
 from anomret.memory.store import BankError, check_bank, read_bank_metadata
 from anomret.models.base import MethodNeeds, RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
+from anomret.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +344,15 @@ class Assembly:
     store: FeatureStore | None
     model: RetrievalModule
     checkpoint: dict[str, Any] | None = None
+    precision: PrecisionPolicy = field(default_factory=PrecisionPolicy)
     bank_info: dict[str, Any] | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, cfg: DictConfig, purpose: Purpose) -> Assembly:
         """Check the config, then build the memory settings, checkpoint, encoder, store and model."""
         check_config(cfg, purpose)
+        precision = PrecisionPolicy.from_config(cfg.get("precision"))
+        precision.apply()  # before anything computes: the one place the float32 matmul precision is set
         settings: MemorySettings = build(cfg.memory)  # cheap checks first
         ckpt_path = cfg.get("ckpt_path")
         checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
@@ -356,7 +360,7 @@ class Assembly:
         store = feature_store(cfg, encoder)
         model = build_model(cfg, encoder, evaluate=purpose is not Purpose.PREDICT)
         model.set_feature_store(store)
-        return cls(cfg, purpose, settings, encoder, store, model, checkpoint)
+        return cls(cfg, purpose, settings, encoder, store, model, checkpoint, precision)
 
     # ------------------------------------------------------------------------------------- data
     def datamodule(self) -> AnomalyDataModule:

@@ -69,6 +69,7 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
         result = model.test_results
         log.info("features: %s", model.extractor.describe())
         result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
+        result.settings["precision"] = parts.precision.record(getattr(parts.encoder, "precision", "fp32"))
         if trainer.is_global_zero:
             artifacts = {
                 "bank": info["path"],
