@@ -37,6 +37,7 @@ from anomret.features.store import FeatureStore
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
 from anomret.memory.cache import bank_identity, find_bank, plan_bank
+from anomret.memory.placement import RowPlacement
 from anomret.memory.store import BankError, check_bank, read_bank_metadata
 from anomret.models.base import MethodNeeds, RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
@@ -354,6 +355,8 @@ class Assembly:
         precision = PrecisionPolicy.from_config(cfg.get("precision"))
         precision.apply()  # before anything computes: the one place the float32 matmul precision is set
         settings: MemorySettings = build(cfg.memory)  # cheap checks first
+        if hasattr(settings, "placement"):
+            RowPlacement.of(settings)  # refuses a bad memory.placement or budget now, not at test time
         ckpt_path = cfg.get("ckpt_path")
         checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
         encoder = build(cfg.encoder)
@@ -423,6 +426,8 @@ class Assembly:
             bank, info = get_or_build_bank(self.settings, self.model, datamodule, trainer)
         else:
             bank, info = load_saved_bank(self.settings, self.encoder, self.purpose.value, self.checkpoint)
+        if hasattr(bank, "placement"):  # where retrieval reads the rows: the memory's settings say
+            bank.placement = RowPlacement.of(self.settings)
         self.model.attach_memory(bank, info)
         self.bank_info = info
         return info

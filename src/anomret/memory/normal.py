@@ -46,6 +46,11 @@ class NormalMemorySettings(MemorySettings):
         layers: encoder blocks whose patch grids are stored (``None``: every block the encoder extracts).
         dtype: storage of the patch grids, ``fp16`` (default), ``fp32`` or ``int8``.
         mmap: read the patch grids from disk per query (default) instead of loading the whole bank.
+        placement: where retrieval reads the patch rows: ``auto`` (default), ``device`` or ``stream``
+            (:mod:`~anomret.memory.placement`); like ``mmap``, not part of the bank's identity.
+        device_budget: device memory the rows may take under ``auto`` (``16GiB``; ``auto``: free memory
+            less a reserve).
+        stream_budget: host and device memory of one layer's rows per streamed batch (``512MiB``).
         shots: few-shot memory, this many images per category (``None``: all).
         fraction: data scaling, this share τ of each category's images (``None``: all).
         subset_categories: the categories ``shots`` / ``fraction`` apply to (``None``: all); the others are
@@ -60,6 +65,9 @@ class NormalMemorySettings(MemorySettings):
     layers: list[int] | None = None
     dtype: str = "fp16"
     mmap: bool = True
+    placement: str = "auto"
+    device_budget: int | str | None = "auto"
+    stream_budget: int | str = "512MiB"
     shots: int | None = None
     fraction: float | None = None
     subset_categories: list[str] | None = None

@@ -326,12 +326,18 @@ def spatial_knn_scores(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     n_bank = _bank_len(bank)
-    # One check, so a device index tensor costs a single host synchronisation.
-    if n_bank is not None and not bool(((neighbors >= 0) & (neighbors < n_bank)).all()):
-        raise ValueError(
-            f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank} images, got "
-            f"[{int(neighbors.min())}, {int(neighbors.max())}]"
-        )
+    if n_bank is not None:
+        in_range = ((neighbors >= 0) & (neighbors < n_bank)).all()
+        if neighbors.is_cuda:
+            # Checked on the device: a host synchronisation per layer would stall the queue of kernels.
+            torch._assert_async(
+                in_range, f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank}"
+            )
+        elif not bool(in_range):
+            raise ValueError(
+                f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank} images, got "
+                f"[{int(neighbors.min())}, {int(neighbors.max())}]"
+            )
     h, w, dim = query.shape[1:]
     if isinstance(bank, Tensor) and tuple(bank.shape[1:]) != (h, w, dim):
         raise ValueError(_shape_mismatch(tuple(bank.shape[1:]), (h, w, dim)))
