@@ -33,6 +33,7 @@ from anomret.data.datamodule import AnomalyDataModule, check_loader_settings
 from anomret.data.dataset import AnomalyDataset
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder
+from anomret.features.memory_tier import TieredFeatures, tiered_features
 from anomret.features.store import FeatureStore
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
@@ -346,6 +347,7 @@ class Assembly:
     model: RetrievalModule
     checkpoint: dict[str, Any] | None = None
     precision: PrecisionPolicy = field(default_factory=PrecisionPolicy)
+    features: TieredFeatures | None = None  # store and in-memory tier, as the datasets read them
     bank_info: dict[str, Any] | None = field(default=None, init=False)
 
     @classmethod
@@ -363,7 +365,14 @@ class Assembly:
         store = feature_store(cfg, encoder)
         model = build_model(cfg, encoder, evaluate=purpose is not Purpose.PREDICT)
         model.set_feature_store(store)
-        return cls(cfg, purpose, settings, encoder, store, model, checkpoint, precision)
+        features = tiered_features((cfg.get("features") or {}).get("memory"), encoder, store)
+        model.extractor.memory = features
+        return cls(cfg, purpose, settings, encoder, store, model, checkpoint, precision, features)
+
+    @property
+    def feature_source(self) -> TieredFeatures | FeatureStore | None:
+        """What the datasets read features from: the in-memory tier and the store, or the store alone."""
+        return self.features if self.features is not None else self.store
 
     # ------------------------------------------------------------------------------------- data
     def datamodule(self) -> AnomalyDataModule:
@@ -373,7 +382,7 @@ class Assembly:
             dataset=self.cfg.dataset,
             aux_dataset=memory_source(self.cfg, self.settings) if builds else None,
             preprocess=self.encoder.preprocess,
-            feature_store=self.store,
+            feature_store=self.feature_source,
         )
         datamodule.prepare_data()
         if self.purpose is not Purpose.APPEND:
@@ -389,7 +398,7 @@ class Assembly:
             data.batch_size, data.eval_batch_size, data.num_workers, data.get("mask_size")
         )
         dataset = AnomalyDataset(
-            samples, self.encoder.preprocess, settings["mask_size"], feature_store=self.store
+            samples, self.encoder.preprocess, settings["mask_size"], feature_store=self.feature_source
         )
         return DataLoader(
             dataset,
