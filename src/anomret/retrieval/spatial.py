@@ -281,7 +281,8 @@ def spatial_knn_scores(
         neighbors: ``[B, K]`` bank indices per query (from :func:`global_topk`).
         rho: L∞ window radius (RAD: 1 MVTec / 3D-ADAM, 2 VisA, 0 Real-IAD).
         neighbor_chunk: neighbour images per query processed at once.
-        query_chunk: queries processed at once.
+        query_chunk: queries processed at once (the torch path takes ``neighbor_chunk // K`` of them when
+            that is more, so a step holds up to ``neighbor_chunk`` neighbour grids whatever K).
         tile: reference tile side of the torch path (see the module docstring); 1 was fastest on CPU at
             the paper's shapes.
         backend: ``"auto"`` uses the Triton kernel where it applies (below) and the torch path elsewhere;
@@ -403,6 +404,9 @@ def _torch_scores(
 ) -> Tensor:
     batch, h, w, dim = query.shape
     dtype, device = _compute_dtype(query), query.device
+    # With fewer neighbours than a chunk holds, several queries share a step (the same products: each
+    # query's matmuls are its own), so small K costs a few steps instead of one per query.
+    query_chunk = max(query_chunk, neighbor_chunk // min(neighbor_chunk, neighbors.shape[1]))
     tiling = _tiling(h, w, rho, tile, device)
     n_tiles, ref_per_tile = tiling.ref_index.shape
     span = tiling.query_index.shape[1]
