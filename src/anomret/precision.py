@@ -18,6 +18,7 @@ fingerprint, so banks and stored features of two policies never mix. The assembl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,18 @@ import torch
 from anomret.encoders.postprocess import PRECISIONS
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+# Lightning's advice to set the float32 matmul precision, given whenever it is "highest": the policy has
+# chosen it (exact keeps IEEE float32 on purpose), so the advice is dropped, verbose or not.
+_TF32_HINT = "You are using a CUDA device"
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _SettledHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TF32_HINT)
+
+
+_SETTLED = _SettledHint()
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,12 @@ class PrecisionPolicy:
         return cls(**{key: str(value) for key, value in node.items()})
 
     def apply(self) -> None:
-        """Set the process's float32 matmul precision (Lightning then has nothing to hint about)."""
+        """Set the process's float32 matmul precision; Lightning's hint about it is settled."""
         torch.set_float32_matmul_precision(self.matmul)
+        for name in _LIGHTNING_LOGGERS:
+            logger = logging.getLogger(name)
+            if _SETTLED not in logger.filters:
+                logger.addFilter(_SETTLED)
 
     def record(self, encoder_precision: str) -> dict[str, str]:
         """What results.json keeps: the policy and what the run actually used."""

@@ -3,6 +3,8 @@ and retrieval stays IEEE float32 whatever the policy lets other matmuls do."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -104,3 +106,13 @@ def test_retrieval_matmuls_are_ieee_float32_under_a_tf32_policy(restore_matmul_p
     softmax_retrieve(torch.randn(5, 8), torch.randn(7, 8), torch.eye(7)[:, :2])
     global_topk(torch.randn(3, 8), torch.randn(9, 8), 2)
     assert seen and set(seen) == {"highest"}
+
+
+def test_lightnings_tf32_hint_is_settled_by_the_policy_even_verbose(restore_matmul_precision, caplog):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    PrecisionPolicy().apply()  # exact: IEEE float32 on purpose
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("You are using a CUDA device ('NVIDIA H200') that has Tensor Cores. To properly ...")
+        rank_zero_info("another line")
+    assert "Tensor Cores" not in caplog.text and "another line" in caplog.text
