@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,15 @@ CONF = Path(__file__).parents[2] / "conf" / "experiment"
 MODES = [("as typed", []), ("features.enabled=true", ["features.enabled=true"])]
 
 
-def timed_train(workdir: Path, data_dir: str, args: list[str], experiment: str = "demo") -> float:
+def timed_train(
+    workdir: Path, data_dir: str, args: list[str], experiment: str = "demo"
+) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, the command's whole process tree) of one command."""
     env = {**os.environ, "ANOMRET_DATA_DIR": data_dir, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
     start = time.perf_counter()
+    cpu_start = _children_cpu()
     done = subprocess.run(
         [
             sys.executable,
@@ -61,7 +66,12 @@ def timed_train(workdir: Path, data_dir: str, args: list[str], experiment: str =
     )
     if done.returncode:
         raise RuntimeError(f"{done.args} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu_start
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def mean_metrics(workdir: Path) -> dict[str, float]:
@@ -86,18 +96,19 @@ def main() -> None:
         warm.mkdir()
         timed_train(warm, data_dir, [])
 
-        timings = {}
-        for experiment, _, sweep in SWEEPS:
-            if not (CONF / f"{experiment}.yaml").exists():
-                continue
-            for mode, store in MODES:
-                for name, extra in (("one run", []), ("sweep of 6", ["-m", *sweep])):
-                    runs = []
-                    for repeat in range(args.repeats):  # each repeat starts from an empty cache
+        timings: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+        # Repeats interleaved (one run, then the sweep), each from an empty cache: a shared machine's
+        # load then weighs on both alike; CPU time is the work, whatever the load.
+        for repeat in range(args.repeats):
+            for experiment, _, sweep in SWEEPS:
+                if not (CONF / f"{experiment}.yaml").exists():
+                    continue
+                for mode, store in MODES:
+                    for name, extra in (("one run", []), ("sweep of 6", ["-m", *sweep])):
                         workdir = scratch / f"{experiment}_{mode}_{name}_{repeat}".replace(" ", "_")
                         workdir.mkdir()
-                        runs.append(timed_train(workdir, data_dir, [*store, *extra], experiment))
-                    timings[experiment, mode, name] = min(runs)
+                        measured = timed_train(workdir, data_dir, [*store, *extra], experiment)
+                        timings.setdefault((experiment, mode, name), []).append(measured)
         metrics = {}
         for name, extra in (
             ("no store", []),
@@ -115,21 +126,25 @@ def main() -> None:
         "",
         f"Machine: {describe_machine()}.",
         f"Command: `python experiments/benchmarks/bench_sweep.py` (each run a fresh process, fresh cache; "
-        f"wall-clock times include Python start-up; each the fastest of {args.repeats} runs).",
+        f"wall-clock and CPU times include Python start-up; each the least of {args.repeats} interleaved runs; "
+        "CPU: user + system seconds of the command's processes).",
         "",
         "## A sweep of six retrieval settings against one run (demo data, 128 px)",
         "",
-        "| method | sweep (`-m ...`) | store | one run | sweep of 6 | sweep / one run |",
-        "|---|---|---|---:|---:|---:|",
+        "| method | sweep (`-m ...`) | store | one run: wall / CPU | sweep of 6: wall / CPU | sweep / one run: "
+        "wall | CPU |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for experiment, method, sweep in SWEEPS:
         for mode, _ in MODES:
             if (experiment, mode, "one run") not in timings:
                 continue
             one, six = timings[experiment, mode, "one run"], timings[experiment, mode, "sweep of 6"]
+            wall_one, cpu_one = min(t[0] for t in one), min(t[1] for t in one)
+            wall_six, cpu_six = min(t[0] for t in six), min(t[1] for t in six)
             lines.append(
-                f"| {method} (`{experiment}`) | `{' '.join(sweep)}` | {mode} | {one:.1f} s | {six:.1f} s "
-                f"| **{six / one:.2f}×** |"
+                f"| {method} (`{experiment}`) | `{' '.join(sweep)}` | {mode} | {wall_one:.1f} s / {cpu_one:.1f} s "
+                f"| {wall_six:.1f} s / {cpu_six:.1f} s | **{wall_six / wall_one:.2f}×** | **{cpu_six / cpu_one:.2f}×** |"
             )
     lines += [
         "",
