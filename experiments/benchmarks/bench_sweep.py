@@ -45,6 +45,9 @@ def timed_train(
 ) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, the command's whole process tree) of one command."""
     env = {**os.environ, "ANOMRET_DATA_DIR": data_dir, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    threads = os.environ.get("BENCH_THREADS")
+    if threads:  # one thread: CPU time is the work done, not spinning threads on a loaded machine
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
     start = time.perf_counter()
@@ -88,7 +91,10 @@ def main() -> None:
         default=3,
         help="each timing is the fastest of this many (a shared machine is noisy)",
     )
+    parser.add_argument("--threads", default="", help="OMP_NUM_THREADS of the runs (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["BENCH_THREADS"] = args.threads
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         data_dir = str(scratch / "data")
@@ -125,9 +131,12 @@ def main() -> None:
         "# Sweeps with the feature store",
         "",
         f"Machine: {describe_machine()}.",
-        f"Command: `python experiments/benchmarks/bench_sweep.py` (each run a fresh process, fresh cache; "
+        f"Command: `python experiments/benchmarks/bench_sweep.py {' '.join(sys.argv[1:])}` (each run a fresh "
+        "process, fresh cache; "
         f"wall-clock and CPU times include Python start-up; each the least of {args.repeats} interleaved runs; "
-        "CPU: user + system seconds of the command's processes).",
+        "CPU: user + system seconds of the command's processes"
+        + (f"; OMP_NUM_THREADS={args.threads}" if args.threads else "")
+        + ").",
         "",
         "## A sweep of six retrieval settings against one run (demo data, 128 px)",
         "",
