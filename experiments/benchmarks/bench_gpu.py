@@ -238,7 +238,7 @@ def step_rad(args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, Any]:
         f"precision={args.precision}",
     ]
     cfg = _compose([*base, *shape["rad_overrides"]])
-    PrecisionPolicy.from_config(cfg.precision).apply()
+    PrecisionPolicy.from_config(cfg.precision_policy).apply()
     encoder = build(cfg.encoder)
     layers, side, grid = list(encoder.layers), encoder.image_size, encoder.grid_size
     n_bank, dim = shape["rad_bank"], encoder.patch_dim

@@ -354,7 +354,7 @@ class Assembly:
     def build(cls, cfg: DictConfig, purpose: Purpose) -> Assembly:
         """Check the config, then build the memory settings, checkpoint, encoder, store and model."""
         check_config(cfg, purpose)
-        precision = PrecisionPolicy.from_config(cfg.get("precision"))
+        precision = PrecisionPolicy.from_config(cfg.get("precision_policy"))
         precision.apply()  # before anything computes: the one place the float32 matmul precision is set
         settings: MemorySettings = build(cfg.memory)  # cheap checks first
         if hasattr(settings, "placement"):

@@ -44,12 +44,12 @@ _SETTLED = _SettledHint()
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
-    """Hydra ``precision=`` group.
+    """Hydra ``precision=`` group (its values under ``precision_policy``: ``precision_policy.matmul=high``).
 
     Args:
         name: the policy's name, recorded with the run.
         encoder: the encoder's arithmetic (``fp32``, ``tf32``, ``bf16``, ``fp16``); the encoder configs
-            read it (``encoder.precision: ${precision.encoder}``), so ``encoder.precision=...`` still wins.
+            read it (``encoder.precision: ${precision_policy.encoder}``), so ``encoder.precision=...`` wins.
         matmul: ``torch.set_float32_matmul_precision`` for the rest of the process: ``highest`` (IEEE
             float32) or ``high`` (TF32 on GPUs that have it); retrieval is IEEE float32 either way.
     """
@@ -60,19 +60,21 @@ class PrecisionPolicy:
 
     def __post_init__(self) -> None:
         if self.encoder not in PRECISIONS:
-            raise ValueError(f"precision.encoder must be one of {PRECISIONS}, got {self.encoder!r}")
+            raise ValueError(f"precision_policy.encoder must be one of {PRECISIONS}, got {self.encoder!r}")
         if self.matmul not in MATMUL_PRECISIONS:
-            raise ValueError(f"precision.matmul must be one of {MATMUL_PRECISIONS}, got {self.matmul!r}")
+            raise ValueError(
+                f"precision_policy.matmul must be one of {MATMUL_PRECISIONS}, got {self.matmul!r}"
+            )
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> PrecisionPolicy:
-        """The policy of a config's ``precision`` node (``None``: ``exact``)."""
+        """The policy of a config's ``precision_policy`` node (``None``: ``exact``)."""
         if not node:
             return cls()
         known = {"name", "encoder", "matmul"}
         unknown = sorted(set(node) - known)
         if unknown:
-            raise ValueError(f"unknown precision settings {unknown} (known: {sorted(known)})")
+            raise ValueError(f"unknown precision_policy settings {unknown} (known: {sorted(known)})")
         return cls(**{key: str(value) for key, value in node.items()})
 
     def apply(self) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from anomret.config import config_dir
 from anomret.encoders.postprocess import autocast
@@ -44,18 +45,24 @@ def _compose(overrides: list[str]):
 def test_one_override_sets_every_encoders_arithmetic(encoder, policy, arithmetic):
     cfg = _compose([f"encoder={encoder}", f"precision={policy}"])
     assert cfg.encoder.precision == arithmetic
-    assert PrecisionPolicy.from_config(cfg.precision).name == policy
+    assert PrecisionPolicy.from_config(cfg.precision_policy).name == policy
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_an_encoder_config_read_on_its_own_is_fp32(encoder):
+    assert OmegaConf.load(config_dir() / "encoder" / f"{encoder}.yaml").precision == "fp32"
 
 
 def test_default_is_exact_and_an_explicit_encoder_precision_still_wins():
     cfg = _compose([])
-    assert (cfg.precision.name, cfg.encoder.precision, cfg.precision.matmul) == ("exact", "fp32", "highest")
+    policy = cfg.precision_policy
+    assert (policy.name, cfg.encoder.precision, policy.matmul) == ("exact", "fp32", "highest")
     assert _compose(["encoder.precision=bf16"]).encoder.precision == "bf16"
 
 
 @pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
 def test_paper_experiments_run_exact_unless_told_otherwise(experiment):
-    assert _compose([f"+experiment={experiment}"]).precision.name == "exact"
+    assert _compose([f"+experiment={experiment}"]).precision_policy.name == "exact"
     assert _compose([f"+experiment={experiment}", "precision=fast"]).encoder.precision == "bf16"
 
 
