@@ -13,7 +13,7 @@ is on by default and never changes a number:
   modification time); features computed on another kind of device are not served (they would differ in
   the last bits), the image is encoded again instead.
 
-Budgets (``features.memory.host`` / ``features.memory.device``, bytes or ``auto``): ``auto`` is half of
+Budgets (``features.memory.host`` / ``features.memory.device``, bytes or ``auto``): ``auto`` is a quarter of
 the RAM available when a run starts (plus what the tier already holds) and a tenth of the device's
 memory. An entry goes to the device while its budget allows, else to the host; when full, the least
 recently used entries make room. DataLoader workers are other processes: the dataset asks the tier
@@ -42,7 +42,7 @@ from anomret.sizes import device_memory, format_size, host_available, parse_size
 
 log = logging.getLogger(__name__)
 
-_AUTO_HOST_SHARE = 0.5
+_AUTO_HOST_SHARE = 0.25  # leaves the page cache room for memory-mapped banks
 _AUTO_DEVICE_SHARE = 0.1
 
 
