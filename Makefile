@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests and the demo never reach for the network: pretrained downloads fail at once, W&B stays local.
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 
-.PHONY: help install demo test test-fast lint format bench clean clean-logs
+.PHONY: help install demo test test-fast lint format bench bench-gpu clean clean-logs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench: $(STAMP) ## CPU benchmarks (metrics, retrieval, encoders, start-up, demos
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_metrics.py
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_retrieval.py
 	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_encoders.py
+
+bench-gpu: $(STAMP) ## GPU benchmark, under 5 minutes on one H200 (RAD, MRAD-TF, MRAD-FT/CLIP epochs, kernel) -> experiments/benchmarks/gpu.md
+	$(OFFLINE) $(BIN)/python experiments/benchmarks/bench_gpu.py
 
 clean-logs: ## Delete run directories under logs/
 	rm -rf logs

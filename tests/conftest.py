@@ -44,6 +44,15 @@ def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
+@pytest.fixture(autouse=True)
+def _empty_feature_memory() -> None:
+    """Each test starts with an empty in-memory feature tier, as a new process does (the tier lives for
+    the process, so runs in one test still share it, as the jobs of a sweep do)."""
+    from anomret.features.memory_tier import feature_memory
+
+    feature_memory().clear()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory holding both synthetic domains, generated once for the whole session."""

@@ -22,8 +22,11 @@ Two shapes:
         --image-size 224 --categories board
     python experiments/benchmarks/bench_mrad_training.py --shape paper --method clip --device cuda
 
-``--no-store`` runs the same epochs without the feature store: every epoch encodes its images again, as
-the official code's do, which is what a later epoch with the store is to be set against.
+``--no-store`` runs the same epochs without the feature store (nor the in-memory tier): every epoch
+encodes its images again, as the official code's do, which is what a later epoch with the store is to be
+set against. By default later epochs read the features from the in-memory tier
+(:mod:`anomret.features.memory_tier`, device memory first); ``--no-memory`` reads them back from the
+store on disk instead, as before the tier.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from machine import describe_machine
 from anomret.assembly import build, build_model, get_or_build_bank
 from anomret.config import config_dir
 from anomret.data.batch import collate_items
+from anomret.features.memory_tier import TieredFeatures, feature_memory, namespace
 from anomret.features.store import FeatureStore
 from anomret.memory.labeled import LabeledMemoryBank
 
@@ -95,7 +99,7 @@ class RandomAuxiliary(Dataset):
     """Random images with random rectangular masks, in :class:`~anomret.data.dataset.AnomalyDataset`'s item
     layout (stored features replace the image once the feature store has them)."""
 
-    def __init__(self, n: int, size: int, store: FeatureStore | None, mean, std) -> None:
+    def __init__(self, n: int, size: int, store: FeatureStore | TieredFeatures | None, mean, std) -> None:
         self.n, self.size, self.store = n, size, store
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -107,10 +111,11 @@ class RandomAuxiliary(Dataset):
         gen = torch.Generator().manual_seed(index)
         key = f"bench-{self.size}-{index}"
         item: dict[str, Any] = {"feature_key": key}
-        stored = None if self.store is None else self.store.read(key)
+        held = isinstance(self.store, TieredFeatures) and self.store.holds(key)
+        stored = None if self.store is None or held else self.store.read(key)
         if stored is not None:
             item["features"] = stored
-        else:
+        elif not held:  # held features are served by the main process
             item["image"] = (torch.rand(3, self.size, self.size, generator=gen) - self.mean) / self.std
         mask = torch.zeros(self.size, self.size)
         label = index % 2  # VisA's test split is about half anomalous
@@ -197,6 +202,11 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[st
         if args.no_store
         else FeatureStore(scratch / "features", encoder.fingerprint(), encoder.preprocess, "fp16")
     )
+    memory = None
+    if store is not None and not args.no_memory:
+        feature_memory().configure("auto", "auto")
+        memory = TieredFeatures(feature_memory(), namespace(encoder, store), store)
+    source = memory or store
     timer = EpochTimer()
     trainer = lightning.Trainer(
         accelerator=accelerator,
@@ -220,7 +230,7 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[st
         datamodule.setup("fit")
         # The bank first, without the store: epoch 1 then starts with an empty store.
         bank, info = get_or_build_bank(build(cfg.memory), model, datamodule, trainer)
-        datamodule.feature_store = store
+        datamodule.feature_store = source
         loader = datamodule.train_dataloader()
         encoder_name = "tiny random CLIP" if args.encoder == "tiny_clip" else f"{args.encoder} random weights"
         what = (
@@ -234,7 +244,7 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[st
             {"path": None, "identity": "random"},
         )
         preprocess = encoder.preprocess
-        dataset = RandomAuxiliary(args.images, args.image_size, store, preprocess.mean, preprocess.std)
+        dataset = RandomAuxiliary(args.images, args.image_size, source, preprocess.mean, preprocess.std)
         loader = DataLoader(
             dataset, batch_size=8, shuffle=True, num_workers=args.workers, collate_fn=collate_items
         )
@@ -243,6 +253,7 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> tuple[list[dict[st
             f"{args.image_size} px, bank {args.images} image / {args.patch_entries} patch entries"
         )
     model.set_feature_store(store)
+    model.extractor.memory = memory
     model.attach_memory(bank, info)
     trainer.fit(model, train_dataloaders=loader)
     return timer.epochs, what
@@ -274,6 +285,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
         "--no-store", action="store_true", help="re-encode every epoch, as the official code (the baseline)"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="later epochs read the store on disk, not the in-memory tier"
     )
     args = parser.parse_args()
     if args.shape == "paper" and args.image_size is None:

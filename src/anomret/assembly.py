@@ -25,23 +25,27 @@ import lightning
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from anomret.config import resolved_dict
 from anomret.data.batch import collate_items
 from anomret.data.datamodule import AnomalyDataModule, check_loader_settings
 from anomret.data.dataset import AnomalyDataset
 from anomret.data.samples import SampleTable
 from anomret.decisions.calibration import check_calibration, held_out_images, without
 from anomret.encoders.base import Encoder
+from anomret.features.memory_tier import TieredFeatures, tiered_features
 from anomret.features.store import FeatureStore
 from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.build import MemoryPass
 from anomret.memory.cache import bank_identity, decide_bank, plan_bank
+from anomret.memory.placement import RowPlacement
 from anomret.memory.store import BankError, check_bank, read_bank_metadata
 from anomret.memory.writers import agreed, bank_writers_lock, start_processes
 from anomret.models.base import MethodNeeds, RetrievalModule
 from anomret.models.checkpoint import load_checkpoint, restore
+from anomret.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,7 @@ def memory_source(cfg: DictConfig, settings: MemorySettings) -> Any:
     """The dataset config of the memory (and training) images: ``memory.source`` chooses the aux_dataset
     (MRAD: another dataset's labelled test split) or the evaluation dataset's own train split (RAD)."""
     if settings.source == "train":
-        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-        return {**dataset, "split": "train", "require_masks": False}
+        return {**resolved_dict(cfg.dataset), "split": "train", "require_masks": False}
     return cfg.aux_dataset
 
 
@@ -291,7 +294,7 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
                 f"method {method} runs the CLIP text tower, but the encoder ({cfg.encoder.get('name')}) "
                 + (
                     "does not keep it (encoder.keep_text=false)"
-                    if encoder_class and encoder_class.text_tower
+                    if getattr(encoder_class, "text_tower", False)
                     else "has none"
                 )
                 + ". Fix: encoder=clip_vit_l14_336 (or tiny_clip for tests) with encoder.keep_text=true."
@@ -352,20 +355,33 @@ class Assembly:
     store: FeatureStore | None
     model: RetrievalModule
     checkpoint: dict[str, Any] | None = None
+    precision: PrecisionPolicy = field(default_factory=PrecisionPolicy)
+    features: TieredFeatures | None = None  # store and in-memory tier, as the datasets read them
     bank_info: dict[str, Any] | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, cfg: DictConfig, purpose: Purpose) -> Assembly:
         """Check the config, then build the memory settings, checkpoint, encoder, store and model."""
         check_config(cfg, purpose)
+        precision = PrecisionPolicy.from_config(cfg.get("precision_policy"))
+        precision.apply()  # before anything computes: the one place the float32 matmul precision is set
         settings: MemorySettings = build(cfg.memory)  # cheap checks first
+        if hasattr(settings, "placement"):
+            RowPlacement.of(settings)  # refuses a bad memory.placement or budget now, not at test time
         ckpt_path = cfg.get("ckpt_path")
         checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
         encoder = build(cfg.encoder)
         store = feature_store(cfg, encoder)
         model = build_model(cfg, encoder, evaluate=not purpose.scores_unlabelled)
         model.set_feature_store(store)
-        return cls(cfg, purpose, settings, encoder, store, model, checkpoint)
+        features = tiered_features((cfg.get("features") or {}).get("memory"), encoder, store)
+        model.extractor.memory = features
+        return cls(cfg, purpose, settings, encoder, store, model, checkpoint, precision, features)
+
+    @property
+    def feature_source(self) -> TieredFeatures | FeatureStore | None:
+        """What the datasets read features from: the in-memory tier and the store, or the store alone."""
+        return self.features if self.features is not None else self.store
 
     # ------------------------------------------------------------------------------------- data
     def datamodule(self) -> AnomalyDataModule:
@@ -375,7 +391,7 @@ class Assembly:
             dataset=self.cfg.dataset,
             aux_dataset=memory_source(self.cfg, self.settings) if builds else None,
             preprocess=self.encoder.preprocess,
-            feature_store=self.store,
+            feature_store=self.feature_source,
         )
         datamodule.prepare_data()
         if self.purpose is not Purpose.APPEND:
@@ -406,7 +422,7 @@ class Assembly:
             self.encoder.preprocess,
             settings["mask_size"],
             settings["mask_threshold"],
-            feature_store=self.store,
+            feature_store=self.feature_source,
         )
         return DataLoader(
             dataset,
@@ -443,6 +459,8 @@ class Assembly:
             bank, info = get_or_build_bank(self.settings, self.model, datamodule, trainer)
         else:
             bank, info = load_saved_bank(self.settings, self.encoder, self.purpose.value, self.checkpoint)
+        if hasattr(bank, "placement"):  # where retrieval reads the rows: the memory's settings say
+            bank.placement = RowPlacement.of(self.settings)
         self.model.attach_memory(bank, info)
         self.bank_info = info
         return info
@@ -485,11 +503,11 @@ def save_checkpoint(trainer: lightning.Trainer, path: Path) -> None:
 
 
 def feature_store(cfg: DictConfig, encoder: Encoder) -> FeatureStore | None:
-    features = cfg.get("features") or {}
-    if not features.get("enabled"):
+    features = cfg.get("features")
+    if not features or not features.get("enabled"):
         return None
     store = FeatureStore(
-        features.dir, encoder.fingerprint(), encoder.preprocess, features.get("dtype", "fp16")
+        str(features.dir), encoder.fingerprint(), encoder.preprocess, features.get("dtype", "fp16")
     )
     log.info("encoder outputs are cached in the %s", store.describe())
     return store

@@ -31,6 +31,7 @@ from anomret.decisions.record import ANOMALOUS
 from anomret.decisions.writers import write_evaluation_decisions
 from anomret.files import write_text_atomic
 from anomret.launch import DistributedJob, use_job_command_for_ddp
+from anomret.memory.base import AppendableSettings
 from anomret.metrics.results import EvaluationResult
 from anomret.output import configure_output
 from anomret.reporting.page import log_page_artifact, write_run_page
@@ -70,7 +71,7 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
         model = parts.model
         thresholds = calibrate(parts, trainer, datamodule.test_samples)
         if thresholds is not None:
-            model.evaluation.evaluator.set_thresholds(thresholds.image, thresholds.pixel)
+            model._evaluation().evaluator.set_thresholds(thresholds.image, thresholds.pixel)
             for overlays in (c for c in callbacks if isinstance(c, OverlayWriter)):
                 overlays.pixel_threshold = thresholds.pixel  # the predicted defect outlined too
         log.info("scoring the %s test images of %s", len(datamodule.test_samples or []), cfg.dataset.name)
@@ -83,6 +84,7 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
         result.settings.setdefault("run", {}).update({"method": model.method, "dataset": cfg.dataset.name})
         if thresholds is not None:
             result.settings["thresholds"] = thresholds.to_dict()
+        result.settings["precision"] = parts.precision.record(getattr(parts.encoder, "precision", "fp32"))
         if trainer.is_global_zero:
             artifacts = {
                 "bank": info["path"],
@@ -212,6 +214,7 @@ def append_memory(cfg: DictConfig) -> Path:
     once. A missing file is built whole. Returns the bank's path.
     """
     parts = prepare_run(cfg, Purpose.APPEND)
+    assert isinstance(parts.settings, AppendableSettings)  # check_config refuses other kinds
     parts.settings.append = True
     datamodule = parts.datamodule()
     trainer = parts.trainer([], instantiate_all(cfg.get("callbacks")))

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "launch": 4,
     "cli": 4,
     "output": 4,
+    "precision": 4,
     "reporting": 4,
     "decisions": 4,
     "package": 4,
@@ -62,6 +63,7 @@ LAYERS: dict[str, int] = {
     "viz": 0,
     "tables": 0,
     "locks": 0,
+    "sizes": 0,
 }
 
 ROOT = Path(anomret.__file__).parent

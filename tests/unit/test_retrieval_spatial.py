@@ -286,3 +286,17 @@ def test_exact_matmul_restores_the_callers_precision():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize(("k", "rho"), [(1, 0), (2, 1), (5, 2)])
+def test_queries_sharing_a_step_score_as_one_query_per_step(k, rho):
+    gen = torch.Generator().manual_seed(k)
+    query = torch.randn(7, 5, 6, 8, generator=gen)
+    bank = torch.randn(9, 5, 6, 8, generator=gen).half()
+    neighbors = torch.stack([torch.randperm(9, generator=gen)[:k] for _ in range(7)])
+    grouped = spatial_knn_scores(query, bank, neighbors, rho, backend="torch")  # 32 // K queries a step
+    alone = [
+        spatial_knn_scores(query[i : i + 1], bank, neighbors[i : i + 1], rho, backend="torch")
+        for i in range(7)
+    ]
+    assert torch.equal(grouped, torch.cat(alone))  # an image's scores never depend on its batch-mates

@@ -8,7 +8,8 @@ Items are plain dicts, batched into a :class:`~anomret.data.batch.Batch` by
 
 With a feature source (the feature store), an item whose features are stored carries them (``features``:
 named tensors) instead of the decoded ``image``, so cached images are not even read; ``feature_key``
-names the entry.
+names the entry. An item whose features the main process holds in memory (the source ``holds`` them)
+carries neither: the model's feature extractor serves it.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from anomret.encoders.base import Preprocess
 
 
 class FeatureSource(Protocol):
-    """Where stored features come from (the feature store): a key per image file, an entry per key."""
+    """Where stored features come from (the feature store, with or without the in-memory tier): a key per
+    image file, an entry per key, and whether the main process holds an entry in memory."""
 
     def image_key(self, path: str | Path) -> str: ...
 
     def read(self, key: str) -> dict[str, Tensor] | None: ...
+
+    def holds(self, key: str) -> bool: ...
 
 
 class AnomalyDataset(Dataset):
@@ -72,11 +76,16 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         item: dict[str, Any] = {}
         stored = None
+        held = False
         if self.feature_store is not None:
             item["feature_key"] = self.feature_store.image_key(sample.image_path)
-            stored = self.feature_store.read(item["feature_key"])
+            held = self.feature_store.holds(item["feature_key"])
+            if not held:
+                stored = self.feature_store.read(item["feature_key"])
         if stored is not None:
             item["features"] = stored
+            image = None
+        elif held:  # served from memory by the main process: not even decoded here
             image = None
         else:
             image = read_image(sample.image_path)

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# fp32: IEEE float32 matmuls (the official code's numbers); tf32: float32 tensors with TF32 tensor-core
+# matmuls on GPUs that have them; bf16 / fp16: autocast.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 def tokens_to_grid(tokens: Tensor, height: int, width: int) -> Tensor:
@@ -49,16 +51,37 @@ def check_precision(precision: str) -> str:
 
 
 @contextlib.contextmanager
-def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """Autocast for ``bf16``/``fp16`` on CUDA and ``bf16`` on CPU; ``fp32`` runs untouched."""
-    if precision == "fp32":
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block only."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == precision:
         yield
         return
-    if device.type == "cpu" and precision == "fp16":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type=device.type, dtype=dtype):
+    torch.set_float32_matmul_precision(precision)
+    try:
         yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """The encoder's arithmetic: autocast for ``bf16``/``fp16`` (``fp16`` on CUDA only), TF32 matmuls for
+    ``tf32``, IEEE float32 matmuls for ``fp32``.
+
+    The float32 matmul precision is set inside the block whatever the process-wide setting (the run's
+    precision policy), so an encoder's outputs depend on its own ``precision`` alone, which is part of its
+    fingerprint: banks and stored features never mix two arithmetics under one name.
+    """
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    with matmul_precision("highest" if precision == "fp32" else "high"):
+        if precision in ("fp32", "tf32"):
+            yield
+            return
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
 
 
 def plain(value: Any) -> Any:

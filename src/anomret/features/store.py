@@ -118,6 +118,10 @@ class FeatureStore:
     def image_key(self, path: str | os.PathLike[str]) -> str:
         return image_key(path)
 
+    def holds(self, key: str) -> bool:
+        """Whether the main process serves this entry from memory: never, for the disk store alone."""
+        return False
+
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
@@ -155,13 +159,19 @@ class FeatureStore:
         except FileNotFoundError:
             return None
         except (SafetensorError, OSError) as error:
-            return self._reject(path, f"it is unreadable ({error})")
-        problem = self._problem(key, recorded, tensors)
+            problem = f"it is unreadable ({error})"
+        else:
+            problem = self._problem(key, recorded, tensors) or next(
+                (
+                    f"its tensor {name!r} holds NaN or infinite values"
+                    for name, tensor in tensors.items()
+                    if not finite_rows(tensor.reshape(1, -1)).all()
+                ),
+                "",
+            )
         if problem:
-            return self._reject(path, problem)
-        for name, tensor in tensors.items():
-            if not finite_rows(tensor.reshape(1, -1)).all():
-                return self._reject(path, f"its tensor {name!r} holds NaN or infinite values")
+            log.warning("feature store entry %s is unsound: %s; recomputing it", path, problem)
+            return None
         self.reads += 1
         return {name: tensor.float() for name, tensor in tensors.items()}
 
@@ -180,10 +190,6 @@ class FeatureStore:
             if shapes != schema:
                 return f"its tensors {shapes} are not the {schema} this encoder gives"
         return ""
-
-    def _reject(self, path: Path, problem: str) -> None:
-        log.warning("feature store entry %s is unsound: %s; recomputing it", path, problem)
-        return None
 
     def write(self, key: str, tensors: dict[str, Tensor]) -> None:
         path = self.path(key)

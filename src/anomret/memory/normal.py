@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from anomret.checks import integer_at_least
 from anomret.data.samples import SampleTable
 from anomret.encoders.base import Encoder
-from anomret.memory.base import MemorySettings
+from anomret.memory.base import MemoryBank, MemorySettings
 from anomret.memory.fewshot import select_images
 from anomret.memory.normal_bank import NormalMemoryBank, write_concatenated
 from anomret.memory.normal_builder import NormalBankBuilder
@@ -56,6 +56,11 @@ class NormalMemorySettings(MemorySettings):
         layers: encoder blocks whose patch grids are stored (``None``: every block the encoder extracts).
         dtype: storage of the patch grids, ``fp16`` (default), ``fp32`` or ``int8``.
         mmap: read the patch grids from disk per query (default) instead of loading the whole bank.
+        placement: where retrieval reads the patch rows: ``auto`` (default), ``device`` or ``stream``
+            (:mod:`~anomret.memory.placement`); like ``mmap``, not part of the bank's identity.
+        device_budget: device memory the rows may take under ``auto`` (``16GiB``; ``auto``: free memory
+            less a reserve).
+        stream_budget: host and device memory of one layer's rows per streamed batch (``512MiB``).
         shots: few-shot memory, this many images per category (``None``: all).
         fraction: data scaling, this share τ of each category's images (``None``: all).
         subset_categories: the categories ``shots`` / ``fraction`` apply to (``None``: all); the others are
@@ -70,6 +75,9 @@ class NormalMemorySettings(MemorySettings):
     layers: list[int] | None = None
     dtype: str = "fp16"
     mmap: bool = True
+    placement: str = "auto"
+    device_budget: int | str | None = "auto"
+    stream_budget: int | str = "512MiB"
     shots: int | None = None
     fraction: float | None = None
     subset_categories: list[str] | None = None
@@ -188,13 +196,14 @@ class NormalMemorySettings(MemorySettings):
         return [position for position, row in enumerate(rows) if row[0] not in by_path]
 
     def write_appended(
-        self, path: Path, metadata: dict[str, Any], added: SampleTable, part: NormalMemoryBank
+        self, path: Path, metadata: dict[str, Any], added: SampleTable, part: MemoryBank
     ) -> None:
         """Rewrite the bank at ``path`` as its rows, then those of ``part`` (the memory pass over ``added``).
 
         The old rows and their records are read from one open file, the one this writes over; the result
         records the images of both and the fingerprint of their set.
         """
+        assert isinstance(part, NormalMemoryBank)  # this kind's own memory pass built it
         old = NormalMemoryBank.load(path, mmap=True)
         known = {row[0] for row in old.metadata.get("images") or []}
         again = [row[0] for row in sample_rows(added) if row[0] in known]

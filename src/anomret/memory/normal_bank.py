@@ -20,10 +20,11 @@ that of its record, each image once, unit-length global keys, and a spread sampl
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomret.memory.placement import PlacedRows, RowPlacement
 from anomret.memory.rows import STORAGE_DTYPES, ArrayDescription, PatchRows, row_pieces, unit_vectors
 from anomret.memory.store import (
     BankError,
@@ -71,6 +73,9 @@ class NormalMemoryBank:
     category: Tensor  # [N] int64 index into metadata["categories"]
     patches: dict[int, PatchRows]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Where retrieval reads the patch rows (memory.placement), and the rows placed by the last ``to``.
+    placement: RowPlacement = field(default_factory=RowPlacement)
+    placed: PlacedRows | None = None
 
     def __post_init__(self) -> None:
         n = self.cls.shape[0]
@@ -126,24 +131,29 @@ class NormalMemoryBank:
                     "(banks are cached per encoder), or point it at a bank built by this encoder."
                 )
 
-    def to(self, device: torch.device | str) -> NormalMemoryBank:
-        # Only the small global keys move; patch rows are read per query and cast on the query's device.
-        return NormalMemoryBank(self.cls.to(device), self.category.to(device), self.patches, self.metadata)
+    def to(self, device: torch.device | str, layers: Sequence[int] | None = None) -> NormalMemoryBank:
+        """The bank for retrieval on ``device``: the global keys move, and the patch rows of ``layers``
+        (default: all) are placed as ``placement`` says (:mod:`~anomret.memory.placement`)."""
+        layers = self.layers if layers is None else sorted(layers)
+        placed = self.placed
+        if placed is None or not placed.serves(device, layers):
+            placed = self.placement.place(self.patches, layers, device)
+        return replace(self, cls=self.cls.to(device), category=self.category.to(device), placed=placed)
 
     def save(self, path: str | Path) -> Path:
         """Write the bank, slice by slice (no second copy of the rows in memory)."""
         small = {"cls": self.cls.cpu().float(), "category": self.category.cpu().long()}
         tensors = {
-            name: StreamedTensor(tensor.dtype, tuple(tensor.shape), lambda tensor=tensor: [tensor])
+            name: StreamedTensor(tensor.dtype, tuple(tensor.shape), functools.partial(list, [tensor]))
             for name, tensor in small.items()
         }
         for layer, rows in self.patches.items():
             tensors[f"patches.{layer}"] = StreamedTensor(
-                rows.dtype, rows.shape, lambda rows=rows: row_pieces(rows.values)
+                rows.dtype, rows.shape, functools.partial(row_pieces, rows.values)
             )
             if rows.scales is not None:
                 tensors[f"scales.{layer}"] = StreamedTensor(
-                    torch.float32, rows.shape[:3], lambda rows=rows: row_pieces(rows.scales)
+                    torch.float32, rows.shape[:3], functools.partial(row_pieces, rows.scales)
                 )
         return save_bank_streaming(path, tensors, {"kind": self.kind, **self.metadata})
 

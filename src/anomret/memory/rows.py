@@ -194,12 +194,14 @@ class PatchRows:
         cells = (np.tile(spread, len(rows) // SAMPLED_POSITIONS) + rows * 7919) % (h * w)
         ys, xs = cells // w, cells % w
 
-        def pick(array: StoredArray) -> np.ndarray:
+        def pick(array: Tensor | np.ndarray) -> np.ndarray:
             if isinstance(array, Tensor):
                 return _numpy(array[torch.from_numpy(rows), torch.from_numpy(ys), torch.from_numpy(xs)])
             return np.ascontiguousarray(array[rows, ys, xs])  # only these vectors' pages are read
 
-        sound = unit_vectors(pick(self.values), None if self.scales is None else pick(self.scales))
+        values, scales = self.values, self.scales
+        assert not isinstance(values, MergedRows) and not isinstance(scales, MergedRows)  # returned above
+        sound = unit_vectors(pick(values), None if scales is None else pick(scales))
         if not sound.all():
             bad = int(rows[int(np.flatnonzero(~sound)[0])])
             raise BankError(

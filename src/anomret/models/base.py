@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from lightning import LightningModule
 from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
 
 from anomret.data.batch import Batch
 from anomret.encoders.base import Encoder, Features
@@ -82,6 +84,12 @@ class ScoredBatch:
     image_retrieval: Tensor | None  # [B] or None
 
 
+def _drop_frozen_parts(module: RetrievalModule, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """``state_dict`` post hook: the frozen parts leave the state dict the module just wrote."""
+    for key in [k for k in state if k.startswith(prefix) and module._is_frozen(k[len(prefix) :])]:
+        del state[key]
+
+
 class RetrievalModule(LightningModule):
     """Shared loops of the retrieval methods (see the module docstring).
 
@@ -112,6 +120,8 @@ class RetrievalModule(LightningModule):
         self.mapper = map
         self.scorer = score or ImageScorer()
         self.evaluation = None if evaluator is None else GatheredEvaluation(evaluator)
+        # Checkpoints hold the trained state only: the frozen parts are rebuilt from their config.
+        self.register_state_dict_post_hook(_drop_frozen_parts)
         self.bank: MemoryBank | None = None
         self.bank_info: dict[str, Any] | None = None
         self.test_results: EvaluationResult | None = None
@@ -234,14 +244,9 @@ class RetrievalModule(LightningModule):
     def _is_frozen(self, key: str) -> bool:
         return key.startswith(self.frozen_prefixes)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        for key in [k for k in state if self._is_frozen(k[len(prefix) :])]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not self._is_frozen(k)]
         if strict and (missing or result.unexpected_keys):

@@ -17,8 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from anomret.encoders.base import Encoder, Features
 from anomret.maps import AnomalyMapper, ImageScorer
+from anomret.memory.base import MemoryBank
 from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
 from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
@@ -59,7 +62,8 @@ class RAD(RetrievalModule):
         self.layer_weights = layer_weights
         self.k_used: int | None = None
 
-    def memory_dims(self, bank: NormalMemoryBank) -> dict[str, int]:
+    def memory_dims(self, bank: MemoryBank) -> dict[str, int]:
+        assert isinstance(bank, NormalMemoryBank)  # attach_memory checked its kind
         return {
             "cls": self.encoder.cls_dim,
             **{f"patch.{layer}": self.encoder.patch_dim for layer in bank.layers},
@@ -103,6 +107,7 @@ class RAD(RetrievalModule):
             "layer_weights": layer_weights(self.scored_layers(bank), self.layer_weights),
             "memory_images": bank.n_images,
             "memory_dtype": bank.storage_dtype,
+            "memory_placement": None if bank.placed is None else bank.placed.mode,
         }
 
     def on_test_epoch_end(self) -> None:
@@ -110,15 +115,32 @@ class RAD(RetrievalModule):
         if self.test_results is not None:
             self.test_results.settings["retrieval"] = self.retrieval_settings()
 
+    def _bank_to_device(self) -> None:
+        if self.bank is None:
+            raise RuntimeError(f"{self.method}: no memory bank attached (the run builds or loads one first)")
+        bank = self.bank
+        assert isinstance(bank, NormalMemoryBank)
+        # Only the scored layers' rows are placed (model.layers may score a subset of the bank's).
+        self.bank = bank.to(self.device, self.scored_layers(bank))
+
     def score(self, features: Features) -> MethodOutput:
         bank = self.bank
         assert isinstance(bank, NormalMemoryBank)
         layers = self.scored_layers(bank)
+        device = features.cls.device
+        if bank.placed is None or not bank.placed.serves(device, layers):  # scored outside a Trainer loop
+            bank = self.bank = bank.to(device, layers)
+        assert bank.placed is not None
         neighbors = self.retriever.neighbors(features.cls, bank.cls)
-        patch = self.retriever.scores(
-            {layer: features.patches[layer] for layer in layers},
-            {layer: bank.patches[layer].stored() for layer in layers},
-            neighbors,
-            weights=self.layer_weights,
-        )
-        return MethodOutput(patch_scores=patch)
+        # The memory decides where the rows are read from: the whole batch at once, or groups of images
+        # whose neighbours' rows fit its budget (scores of an image never depend on its batch-mates).
+        parts = [
+            self.retriever.scores(
+                {layer: features.patches[layer][group.queries] for layer in layers},
+                group.banks,
+                group.neighbors,
+                weights=self.layer_weights,
+            )
+            for group in bank.placed.groups(neighbors, layers)
+        ]
+        return MethodOutput(patch_scores=parts[0] if len(parts) == 1 else torch.cat(parts))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomret.checks import integer_at_least, number_in
+from anomret.retrieval.spatial import exact_matmul
 
 
 def softmax_retrieve(
@@ -55,6 +56,15 @@ def softmax_retrieve(
     lead_shape = query.shape[:-1]
     flat = query.reshape(-1, query.shape[-1])
     out = torch.empty(flat.shape[0], values.shape[-1], dtype=dtype, device=query.device)
+    with exact_matmul():  # IEEE float32 whatever the run's precision policy lets other matmuls do
+        _accumulate(flat, keys, values, tau, out, query_chunk, key_chunk)
+    return out.reshape(*lead_shape, values.shape[-1])
+
+
+def _accumulate(
+    flat: Tensor, keys: Tensor, values: Tensor, tau: float, out: Tensor, query_chunk: int, key_chunk: int
+) -> None:
+    dtype = out.dtype
     for q_start in range(0, flat.shape[0], query_chunk):
         q = flat[q_start : q_start + query_chunk].to(dtype)
         running_max = torch.full((q.shape[0], 1), float("-inf"), dtype=dtype, device=q.device)
@@ -72,7 +82,6 @@ def softmax_retrieve(
             accumulator = accumulator * rescale + weights @ v
             running_max = new_max
         out[q_start : q_start + q.shape[0]] = accumulator / running_sum
-    return out.reshape(*lead_shape, values.shape[-1])
 
 
 @dataclass
@@ -191,11 +200,12 @@ def projected_retrieve(
         flat_raw = F.normalize(query_raw.reshape(-1, query_raw.shape[-1]).to(dtype), dim=-1)
         keys_raw = F.normalize(keys_raw.to(device=flat_proj.device, dtype=dtype), dim=-1)
     chunks = []
-    for start in range(0, flat_proj.shape[0], query_chunk):
-        logits = flat_proj[start : start + query_chunk] @ keys_proj.T / tau
-        if drop_ratio is not None:
-            raw = flat_raw[start : start + query_chunk] @ keys_raw.T
-            logits = logits.masked_fill(similarity_dropout_mask(raw, drop_ratio), float("-inf"))
-        chunks.append(torch.softmax(logits, dim=-1) @ values)
+    with exact_matmul():  # IEEE float32 whatever the run's precision policy lets the heads do
+        for start in range(0, flat_proj.shape[0], query_chunk):
+            logits = flat_proj[start : start + query_chunk] @ keys_proj.T / tau
+            if drop_ratio is not None:
+                raw = flat_raw[start : start + query_chunk] @ keys_raw.T
+                logits = logits.masked_fill(similarity_dropout_mask(raw, drop_ratio), float("-inf"))
+            chunks.append(torch.softmax(logits, dim=-1) @ values)
     out = torch.cat(chunks) if chunks else flat_proj.new_empty(0, values.shape[-1])
     return out.reshape(*lead_shape, values.shape[-1])

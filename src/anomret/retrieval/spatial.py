@@ -281,7 +281,8 @@ def spatial_knn_scores(
         neighbors: ``[B, K]`` bank indices per query (from :func:`global_topk`).
         rho: L∞ window radius (RAD: 1 MVTec / 3D-ADAM, 2 VisA, 0 Real-IAD).
         neighbor_chunk: neighbour images per query processed at once.
-        query_chunk: queries processed at once.
+        query_chunk: queries processed at once (the torch path takes ``neighbor_chunk // K`` of them when
+            that is more, so a step holds up to ``neighbor_chunk`` neighbour grids whatever K).
         tile: reference tile side of the torch path (see the module docstring); 1 was fastest on CPU at
             the paper's shapes.
         backend: ``"auto"`` uses the Triton kernel where it applies (below) and the torch path elsewhere;
@@ -326,12 +327,18 @@ def spatial_knn_scores(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     n_bank = _bank_len(bank)
-    # One check, so a device index tensor costs a single host synchronisation.
-    if n_bank is not None and not bool(((neighbors >= 0) & (neighbors < n_bank)).all()):
-        raise ValueError(
-            f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank} images, got "
-            f"[{int(neighbors.min())}, {int(neighbors.max())}]"
-        )
+    if n_bank is not None:
+        in_range = ((neighbors >= 0) & (neighbors < n_bank)).all()
+        if neighbors.is_cuda:
+            # Checked on the device: a host synchronisation per layer would stall the queue of kernels.
+            torch._assert_async(
+                in_range, f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank}"
+            )
+        elif not bool(in_range):
+            raise ValueError(
+                f"neighbor indices must lie in [0, {n_bank}) for a memory of {n_bank} images, got "
+                f"[{int(neighbors.min())}, {int(neighbors.max())}]"
+            )
     h, w, dim = query.shape[1:]
     if isinstance(bank, Tensor) and tuple(bank.shape[1:]) != (h, w, dim):
         raise ValueError(_shape_mismatch(tuple(bank.shape[1:]), (h, w, dim)))
@@ -397,6 +404,9 @@ def _torch_scores(
 ) -> Tensor:
     batch, h, w, dim = query.shape
     dtype, device = _compute_dtype(query), query.device
+    # With fewer neighbours than a chunk holds, several queries share a step (the same products: each
+    # query's matmuls are its own), so small K costs a few steps instead of one per query.
+    query_chunk = max(query_chunk, neighbor_chunk // min(neighbor_chunk, neighbors.shape[1]))
     tiling = _tiling(h, w, rho, tile, device)
     n_tiles, ref_per_tile = tiling.ref_index.shape
     span = tiling.query_index.shape[1]
