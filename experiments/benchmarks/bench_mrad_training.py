@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine
 
-from anomret.assembly import build, build_model, get_or_build_bank
+from anomret.assembly import build, build_model
+from anomret.banks import get_or_build_bank
 from anomret.config import config_dir
 from anomret.data.batch import collate_items
 from anomret.features.memory_tier import TieredFeatures, feature_memory, namespace

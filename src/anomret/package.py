@@ -391,7 +391,8 @@ class Detector:
     def build(cls, cfg: DictConfig, *, where: str, device: str | None = None) -> Detector:
         import torch
 
-        from anomret.assembly import Assembly, Purpose
+        from anomret.assembly import Assembly
+        from anomret.contracts import Purpose
         from anomret.decisions.calibration import model_identity
         from anomret.decisions.record import Thresholds
 

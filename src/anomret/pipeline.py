@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from anomret.assembly import Assembly, Purpose, check_config, instantiate_all
+from anomret.assembly import Assembly, instantiate_all
 from anomret.callbacks import OverlayWriter, PredictionWriter
 from anomret.checks import integer_at_least
+from anomret.contracts import Purpose, check_config
 from anomret.data.folder import image_folder_samples, input_base, readable_samples
 from anomret.decisions.calibration import calibrate
 from anomret.decisions.record import ANOMALOUS

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from anomret.assembly import Purpose, check_config
+from anomret.contracts import Purpose, check_config
 from anomret.data.synthetic import SyntheticSpec, generate_domain
 from anomret.decisions.calibration import CalibrationError, held_out_images
 from anomret.memory.normal_bank import NormalMemoryBank

@@ -18,8 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from anomret.assembly import Assembly, ConfigError, Purpose, build, build_model
+from anomret.assembly import Assembly, build, build_model
 from anomret.config import config_dir
+from anomret.contracts import ConfigError, Purpose
 from anomret.memory.store import BankError
 from anomret.models.checkpoint import CheckpointError, load_checkpoint
 from anomret.models.mrad_clip import MRADCLIP

@@ -145,7 +145,7 @@ def test_paper_experiments_compose_with_the_official_constants(compose_config, e
 
 
 def test_rad_with_another_memory_kind_is_refused(compose_config):
-    from anomret.assembly import ConfigError, Purpose, check_config
+    from anomret.contracts import ConfigError, Purpose, check_config
 
     with pytest.raises(ConfigError, match="reads a 'normal' memory but memory=labeled"):
         check_config(compose_config(["+experiment=demo_rad", "memory=labeled"]), Purpose.TRAIN)

@@ -210,7 +210,8 @@ def _jobs(overrides: list[str]) -> list[list[str]]:
 
 def _check_composes(command: str) -> int:
     """Compose every job of a train/eval/predict command as written and check it like a run; job count."""
-    from anomret.assembly import Purpose, build, check_config
+    from anomret.assembly import build
+    from anomret.contracts import Purpose, check_config
     from anomret.memory.base import MemorySettings
 
     words = shlex.split(command)

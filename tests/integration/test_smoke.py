@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from anomret.assembly import ConfigError
 from anomret.config import config_dir
+from anomret.contracts import ConfigError
 from anomret.pipeline import run
 
 METHODS = sorted(path.stem for path in (config_dir() / "method").glob("*.yaml"))

@@ -15,8 +15,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from anomret.assembly import ConfigError, Purpose, check_config
 from anomret.config import config_dir
+from anomret.contracts import ConfigError, Purpose, check_config
 
 SWAPPED = ("memory", "retrieval", "encoder")
 

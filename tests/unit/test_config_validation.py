@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from anomret.assembly import Assembly, ConfigError, Purpose, check_config
+from anomret.assembly import Assembly
+from anomret.contracts import ConfigError, Purpose, check_config
 
 
 def test_default_and_demo_configs_are_valid(compose_config):

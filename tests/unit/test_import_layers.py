@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "analysis": 5,
     # orchestration
     "assembly": 4,
+    "contracts": 4,
+    "banks": 4,
     "pipeline": 4,
     "callbacks": 4,
     "launch": 4,

@@ -20,7 +20,7 @@ import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from anomret.assembly import Purpose, check_config
+from anomret.contracts import Purpose, check_config
 
 RECIPES = Path(__file__).parents[2] / "experiments" / "reproduce"
 SCRIPTS = sorted(RECIPES.glob("*.sh"))

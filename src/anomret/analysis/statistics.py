@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 from torch import Tensor
 
-from anomret.assembly import ConfigError, Purpose, instantiate_all
+from anomret.assembly import instantiate_all
+from anomret.contracts import ConfigError, Purpose
 from anomret.data.batch import Batch
 from anomret.distributed import all_gather
 from anomret.files import atomic_path, write_text_atomic

@@ -4,7 +4,7 @@ A method subclasses :class:`RetrievalModule`, declares what it needs from the re
 (:class:`MethodNeeds`: memory kind, retrieval kind, trained parts, auxiliary masks, a text tower) and
 supplies :meth:`~RetrievalModule.score` (features → patch scores and, optionally, an image-level score);
 a method that trains also supplies ``training_step`` and ``configure_optimizers``. The run checks every
-declared need against the composed config before anything is built (:mod:`anomret.assembly`).
+declared need against the composed config before anything is built (:mod:`anomret.contracts`).
 Everything else is here, once:
 
 - features come from one :class:`~anomret.features.FeatureExtractor` (through the feature store when
