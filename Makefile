@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Tests and the demo never reach for the network: pretrained downloads fail at once, W&B stays local.
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
+# Test worker processes (pytest-xdist); a test module stays on one worker. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: help install demo test test-fast lint format bench bench-gpu clean clean-logs
 
@@ -22,12 +25,12 @@ demo: $(STAMP) ## MRAD-TF end to end on the built-in synthetic data (CPU, under 
 	$(OFFLINE) $(BIN)/python -m anomret.train +experiment=demo
 
 test: $(STAMP) ## The whole test suite
-	@$(OFFLINE) $(BIN)/python -m pytest; status=$$?; \
+	@$(OFFLINE) $(BIN)/python -m pytest $(XDIST); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is missing or deselected" >&2; fi; \
 	exit $$status
 
 test-fast: $(STAMP) ## The fast tier: pure functions and components (no entry-point runs, no processes)
-	$(OFFLINE) $(BIN)/python -m pytest -m "not integration"
+	$(OFFLINE) $(BIN)/python -m pytest $(XDIST) -m "not integration"
 
 lint: $(STAMP) ## ruff lint + format check, mypy (settings in pyproject.toml)
 	$(BIN)/ruff check src tests experiments

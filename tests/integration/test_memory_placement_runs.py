@@ -15,7 +15,7 @@ import torch
 import anomret
 from anomret.memory.rows import PatchRows
 from anomret.retrieval.spatial import multilayer_spatial_knn_scores
-from tests.integration.cli import run_cli
+from .cli import run_cli
 
 _KERNEL_RUN = """
 import sys, torch
@@ -44,7 +44,11 @@ torch.save(out, sys.argv[2])
 def test_the_kernel_reads_device_and_streamed_rows_alike(tmp_path):
     pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(0)
-    patches = {layer: torch.randn(12, 3, 4, 16, generator=gen).half() for layer in (1, 2)}
+    # Unit vectors, as a built bank stores (rows are checked for it when first read).
+    patches = {
+        layer: torch.nn.functional.normalize(torch.randn(12, 3, 4, 16, generator=gen), dim=-1).half()
+        for layer in (1, 2)
+    }
     query = {layer: torch.randn(5, 3, 4, 16, generator=gen) for layer in (1, 2)}
     neighbors = torch.stack([torch.randperm(12, generator=gen)[:4] for _ in range(5)])
     row_bytes = 3 * 4 * 16 * 2

@@ -13,6 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from anomret.features.memory_tier import feature_memory
 from anomret.features.store import image_key
 from anomret.memory.store import BankError
 from anomret.pipeline import run
@@ -72,6 +73,7 @@ def test_swapped_or_non_finite_feature_entries_are_named_recomputed_and_change_n
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     save_file({**tensors, "cls": tensors["cls"] * float("nan")}, str(entries[2]), metadata=recorded)
 
+    feature_memory().clear()  # as a later process: the entries are read back from disk
     with caplog.at_level(logging.INFO, logger="anomret"):
         again = run(compose_config(overrides), fit=True)
     assert again.per_category == clean.per_category
