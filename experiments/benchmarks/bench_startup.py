@@ -87,6 +87,29 @@ def _finished_run(root: Path) -> Path:
     return run
 
 
+def _finished_sweep(root: Path) -> Path:
+    """A real four-job sweep of the RAD demo (run once, not timed): what ``anomret.report`` reads and plots."""
+    sweep = root / "sweep"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anomret.train",
+            "-m",
+            "+experiment=demo_rad",
+            "retrieval.k=4,8",
+            "retrieval.rho=0,1",
+            "logger=none",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=root,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    return sweep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -98,6 +121,10 @@ def main() -> None:
         commands = [
             *QUICK,
             ("report DIR (a finished run)", ["-m", "anomret.report", str(_finished_run(cwd))]),
+            (
+                "report DIR (a four-job sweep: page and plots)",
+                ["-m", "anomret.report", str(_finished_sweep(cwd))],
+            ),
         ]
         for name, command in commands:
             times = [time_command(command, cwd) for _ in range(args.repeats)]

@@ -17,6 +17,9 @@ from anomret.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="append")
 def append(cfg: DictConfig) -> None:
+    from anomret.contracts import Purpose, check_config
+
+    check_config(cfg, Purpose.APPEND)  # a wrong setting is refused before torch is imported
     from anomret.pipeline import append_memory  # the heavy imports, only once a run starts
 
     append_memory(cfg)

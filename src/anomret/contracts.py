@@ -3,24 +3,24 @@
 Each method declares its needs (:class:`~anomret.models.base.MethodNeeds`); :func:`check_config` compares
 them with the composed groups (memory kind, retrieval kind, a text tower, auxiliary masks, DDP), refuses
 settings that no constructor takes (naming the closest real one), and says at once everything an entry
-point lacks (a checkpoint and its bank), with the command that gives it. It imports the classes the config
-names, never builds them.
+point lacks (a checkpoint and its bank), with the command that gives it. It reads the classes the config
+names from their source (:mod:`anomret.class_facts`) and imports no torch, so a wrong setting is an
+``error:`` line in under a second; it never builds anything.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from anomret.decisions.calibration import check_calibration
-from anomret.models.base import MethodNeeds, RetrievalModule
+from anomret.class_facts import ClassFacts, ClassRef, class_facts
+from anomret.decisions.settings import check_calibration
+from anomret.needs import MethodNeeds
 
 log = logging.getLogger(__name__)
 
@@ -53,49 +53,38 @@ class Purpose(Enum):
         return self in (Purpose.PREDICT, Purpose.EXPORT, Purpose.SERVE)
 
 
-def _method_class(cfg: DictConfig) -> type[RetrievalModule]:
+# Every method derives from it (named, not imported: importing it imports torch and Lightning).
+_METHOD_BASE = "anomret.models.base.RetrievalModule"
+
+
+def _method_class(cfg: DictConfig) -> ClassFacts:
     target = str(cfg.model.get("_target_", ""))
     try:
-        model_class = get_class(target)
+        model_class = class_facts(target)
     except Exception as error:  # Hydra raises ImportError or ValueError for a bad target
         raise ConfigError(f"model._target_={target!r} is not an importable class ({error})") from None
-    if not (isinstance(model_class, type) and issubclass(model_class, RetrievalModule)):
+    if not model_class.is_a(_METHOD_BASE):
         raise ConfigError(f"model._target_={target} is not an anomret method (a RetrievalModule)")
     return model_class
 
 
-def _class_of(node: Any) -> type | None:
+def _class_of(node: Any) -> ClassFacts | None:
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         return None
     try:
-        return get_class(str(target))
+        return class_facts(str(target))
     except Exception:  # reported by instantiate itself, with Hydra's message
         return None
 
 
-def _keyword_names(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls`` accepts, following ``**kwargs`` up the class hierarchy; ``None`` when
-    some constructor takes arbitrary keywords that cannot be traced."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters.values()
-        names.update(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names - {"self"}
-    return None
-
-
-def _options(node: DictConfig, cls: type, prefix: str) -> tuple[set[str], list[str]]:
+def _options(node: DictConfig, cls: ClassFacts, prefix: str) -> tuple[set[str], list[str]]:
     """The option names ``cls`` knows under ``prefix`` (nested groups included), and the unknown keys."""
-    accepted = _keyword_names(cls)
+    accepted = cls.keywords
     if accepted is None:
         return set(), []
     known, unknown = {f"{prefix}.{name}" for name in accepted}, []
-    groups: dict[str, type] = getattr(cls, "option_groups", {})
+    groups: dict[str, ClassRef] = cls.get("option_groups") or {}
     for key in node:
         name = str(key)
         if name.startswith("_"):
@@ -104,7 +93,7 @@ def _options(node: DictConfig, cls: type, prefix: str) -> tuple[set[str], list[s
             unknown.append(f"{prefix}.{name}")
             continue
         child = node.get(name)
-        child_class = _class_of(child) or groups.get(name)
+        child_class = _class_of(child) or (class_facts(groups[name].name) if name in groups else None)
         if isinstance(child, DictConfig) and child_class is not None:
             child_known, child_unknown = _options(child, child_class, f"{prefix}.{name}")
             known |= child_known
@@ -127,7 +116,7 @@ def check_option_names(cfg: DictConfig, groups: tuple[str, ...] = ("model", "mem
                 leaf = name.rsplit(".", 1)[-1]
                 close = [k for k in sorted(known) if k.endswith(f".{leaf}")][:1]
             hint = f"did you mean {close[0]}?" if close else f"{group} options: {', '.join(sorted(known))}"
-            problems.append(f"{name} is not a setting of {cls.__name__} ({hint})")
+            problems.append(f"{name} is not a setting of {cls.short_name} ({hint})")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -202,11 +191,12 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
     """Refuse, before anything is built, every pairing of groups the method cannot run with, every unknown
     setting, and what the entry point lacks; returns the method's needs."""
     model_class = _method_class(cfg)
-    needs, method = model_class.needs, model_class.method
+    needs: MethodNeeds = model_class.get("needs")
+    method: str = model_class.get("method")
     check_option_names(cfg)
     memory_class = _class_of(cfg.memory)
-    given_memory = getattr(memory_class, "kind", "?")
-    appendable = given_memory == needs.memory and getattr(memory_class, "supports_append", False)
+    given_memory = memory_class.get("kind", "?") if memory_class else "?"
+    appendable = given_memory == needs.memory and bool(memory_class and memory_class.get("supports_append"))
     if purpose is Purpose.APPEND and not appendable:
         raise ConfigError(
             f"anomret.append extends RAD's normal-image banks (method=rad); {method}'s '{needs.memory}' memory "
@@ -218,7 +208,8 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
             f"method {method} reads a '{needs.memory}' memory but memory={given_memory} was composed. "
             f"Fix: choose the method as a whole (method={method}) or set memory= to a '{needs.memory}' memory."
         )
-    given_retrieval = getattr(_class_of(cfg.retrieval), "kind", "?")
+    retrieval_class = _class_of(cfg.retrieval)
+    given_retrieval = retrieval_class.get("kind", "?") if retrieval_class else "?"
     if given_retrieval != needs.retrieval:
         raise ConfigError(
             f"method {method} uses '{needs.retrieval}' retrieval but retrieval={given_retrieval} was composed. "
@@ -226,14 +217,11 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
         )
     if needs.text_tower:
         encoder_class = _class_of(cfg.encoder)
-        if not getattr(encoder_class, "text_tower", False) or not cfg.encoder.get("keep_text", False):
+        has_text_tower = bool(encoder_class and encoder_class.get("text_tower"))
+        if not has_text_tower or not cfg.encoder.get("keep_text", False):
             raise ConfigError(
                 f"method {method} runs the CLIP text tower, but the encoder ({cfg.encoder.get('name')}) "
-                + (
-                    "does not keep it (encoder.keep_text=false)"
-                    if getattr(encoder_class, "text_tower", False)
-                    else "has none"
-                )
+                + ("does not keep it (encoder.keep_text=false)" if has_text_tower else "has none")
                 + ". Fix: encoder=clip_vit_l14_336 (or tiny_clip for tests) with encoder.keep_text=true."
             )
     source = cfg.memory.get("source", "aux")

@@ -11,6 +11,9 @@ from anomret.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def evaluate(cfg: DictConfig) -> None:
+    from anomret.contracts import Purpose, check_config
+
+    check_config(cfg, Purpose.EVAL)  # a wrong setting is refused before torch is imported
     from anomret.pipeline import run  # the heavy imports, only once a run starts
 
     run(cfg, fit=False)

@@ -16,6 +16,10 @@ from anomret.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
 def predict_images(cfg: DictConfig) -> None:
+    from anomret.contracts import Purpose, check_config
+
+    if not cfg.get("package"):  # a package's config is checked once the package is read
+        check_config(cfg, Purpose.PREDICT)  # a wrong setting is refused before torch is imported
     from anomret.pipeline import predict  # the heavy imports, only once a run starts
 
     predict(cfg)

@@ -16,6 +16,9 @@ from anomret.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def train(cfg: DictConfig) -> float:
+    from anomret.contracts import Purpose, check_config
+
+    check_config(cfg, Purpose.TRAIN)  # a wrong setting is refused before torch is imported
     from anomret.pipeline import run  # the heavy imports, only once a run starts
 
     result = run(cfg, fit=True)

@@ -66,7 +66,14 @@ def test_config_mistakes_are_one_line_each(tmp_path):
         ("anomret.train", "dataset=nope"): "Could not find 'dataset/nope'",
     }
     for (module, *args), expected in cases.items():
-        result = run_cli(["-m", module, *args], tmp_path, check=False)
+        # Python lists every module it imports: a config mistake is answered before torch is imported.
+        result = run_cli(["-m", module, *args], tmp_path, check=False, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        imported = {
+            line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "import time:" in line
+        }
+        assert "anomret.contracts" in imported or "dataset=nope" in args, args
+        assert "torch" not in imported and "lightning" not in imported, args
+        result.stderr = "\n".join(line for line in result.stderr.splitlines() if "import time:" not in line)
         assert result.returncode == 1, (args, result.stderr)
         line = _error_line(result)
         assert expected in line, (args, line)

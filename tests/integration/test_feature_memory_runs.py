@@ -8,6 +8,7 @@ import logging
 
 import anomret.data.dataset as dataset_module
 from anomret.pipeline import run
+
 from .cli import run_cli
 
 RAD = ["+experiment=demo_rad", "logger=none", "callbacks.overlays.n_per_category=0"]

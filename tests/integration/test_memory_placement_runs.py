@@ -15,6 +15,7 @@ import torch
 import anomret
 from anomret.memory.rows import PatchRows
 from anomret.retrieval.spatial import multilayer_spatial_knn_scores
+
 from .cli import run_cli
 
 _KERNEL_RUN = """

@@ -66,6 +66,8 @@ LAYERS: dict[str, int] = {
     "tables": 0,
     "locks": 0,
     "sizes": 0,
+    "needs": 0,
+    "class_facts": 0,
 }
 
 ROOT = Path(anomret.__file__).parent

@@ -21,6 +21,9 @@ from anomret.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def similarity(cfg: DictConfig) -> None:
+    from anomret.contracts import Purpose, check_config
+
+    check_config(cfg, Purpose.ANALYSE)  # a wrong setting is refused before torch is imported
     from anomret.analysis.statistics import similarity_analysis  # the heavy imports, only once a run starts
 
     similarity_analysis(cfg)

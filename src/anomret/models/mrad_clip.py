@@ -35,10 +35,11 @@ from anomret.encoders.base import Encoder, Features
 from anomret.losses import segmentation_loss
 from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodNeeds, MethodOutput
+from anomret.models.base import MethodOutput
 from anomret.models.mrad_ft import MRADFT, upsample_probabilities
 from anomret.models.projections import ProjectedMemory
 from anomret.models.prompts import MRADPromptLearner, cosine_classifier, region_priors
+from anomret.needs import MethodNeeds
 from anomret.retrieval.softmax import SoftmaxRetriever
 
 if TYPE_CHECKING:

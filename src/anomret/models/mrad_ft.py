@@ -30,10 +30,10 @@ from anomret.encoders.base import Encoder, Features
 from anomret.losses import image_retrieval_loss, segmentation_loss
 from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodNeeds
 from anomret.models.mrad_tf import MRADTF
 from anomret.models.official_checkpoint import load_official_checkpoint
 from anomret.models.projections import MRADProjectionHeads, ProjectedMemory
+from anomret.needs import MethodNeeds
 from anomret.retrieval.softmax import SoftmaxRetriever
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.memory.base import MemoryBank
 from anomret.memory.labeled import LabeledMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
+from anomret.models.base import MethodOutput, RetrievalModule
+from anomret.needs import MethodNeeds
 from anomret.retrieval.softmax import SoftmaxRetriever
 
 

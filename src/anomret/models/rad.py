@@ -24,7 +24,8 @@ from anomret.maps import AnomalyMapper, ImageScorer
 from anomret.memory.base import MemoryBank
 from anomret.memory.normal_bank import NormalMemoryBank
 from anomret.metrics.evaluator import CategoryEvaluator
-from anomret.models.base import MethodNeeds, MethodOutput, RetrievalModule
+from anomret.models.base import MethodOutput, RetrievalModule
+from anomret.needs import MethodNeeds
 from anomret.retrieval.spatial import SpatialRetrieval, layer_weights
 
 
