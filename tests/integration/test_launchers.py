@@ -15,13 +15,13 @@ from anomret.config import config_dir
 from anomret.plugins import PLUGINS, MissingPluginError, check_hydra_plugins, required_plugins
 
 from .cli import run_cli
-from .wandb_records import _chunks
+from .wandb_records import finished_records
 
 
 def _offline_run_record(run_dir: Path) -> wandb_internal_pb2.RunRecord:
     """The run record (name, group, job type, tags) of an offline ``wandb/offline-run-*`` directory."""
     log_file = next(run_dir.glob("run-*.wandb"))
-    for raw in _chunks(log_file.read_bytes()):
+    for raw in finished_records(log_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "run":

@@ -24,7 +24,7 @@ import pytest
 from anomret.pipeline import run
 
 from .cli import run_cli
-from .wandb_records import _chunks
+from .wandb_records import finished_records
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -219,7 +219,7 @@ def test_run_page_is_logged_to_wandb_as_a_report_artifact(compose_config, tmp_pa
     from wandb.proto import wandb_internal_pb2
 
     artifacts = []
-    for raw in _chunks(log_file.read_bytes()):
+    for raw in finished_records(log_file):  # the file can lag behind wandb.finish() on a busy machine
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "report":

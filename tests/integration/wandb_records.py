@@ -62,7 +62,7 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def _records(log_file: Path, wait_s: float) -> list[bytes]:
+def finished_records(log_file: Path, wait_s: float = 30.0) -> list[bytes]:
     """The file's records once the run's ``exit`` record is in it (at most ``wait_s`` seconds later).
 
     ``wandb.finish()`` returns when the service has the records; on a loaded machine the file can lag.
@@ -82,7 +82,7 @@ def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> OfflineRun:
     """Parse ``<run_dir>/run-*.wandb`` (``run_dir`` = ``wandb/offline-run-*``)."""
     log_file = next(Path(run_dir).glob("run-*.wandb"))
     run = OfflineRun(files_dir=Path(run_dir) / "files")
-    for raw in _records(log_file, wait_s):
+    for raw in finished_records(log_file, wait_s):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
