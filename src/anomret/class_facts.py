@@ -54,6 +54,8 @@ class ClassFacts:
     _keywords: frozenset[str] | _Unknown | None = field(repr=False)
     ancestors: frozenset[str]
     _attributes: Mapping[str, Any] = field(repr=False)
+    # Every class it derives from was read too (an attribute missing here is missing on the class).
+    _complete: bool = field(default=True, repr=False)
 
     @property
     def keywords(self) -> frozenset[str] | None:
@@ -70,8 +72,8 @@ class ClassFacts:
 
     def get(self, attribute: str, default: Any = None) -> Any:
         """A class attribute, as ``getattr(cls, attribute, default)`` gives it (classes as :class:`ClassRef`)."""
-        value = self._attributes.get(attribute, default)
-        if value is _UNKNOWN:
+        value = self._attributes.get(attribute, _UNKNOWN if not self._complete else default)
+        if value is _UNKNOWN:  # not a literal, or perhaps defined by a base outside anomret
             return imported_facts(self.name).get(attribute, default)
         return value
 
@@ -308,7 +310,10 @@ def _from_source(target: str) -> ClassFacts | None:
             except _NotLiteral:
                 attributes[name_node.id] = _UNKNOWN
 
-    return ClassFacts(target, _source_keywords(node, module, bases), frozenset(ancestors), attributes)
+    complete = all(base is not None and base._complete for base in bases)
+    return ClassFacts(
+        target, _source_keywords(node, module, bases), frozenset(ancestors), attributes, complete
+    )
 
 
 def _source_keywords(

@@ -86,6 +86,8 @@ class RetrievalModule(LightningModule):
     frozen_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
     # Constructor arguments that are built objects, not settings: never saved as hyper-parameters.
     built_arguments: ClassVar[tuple[str, ...]] = ("encoder", "retrieval", "evaluator", "map", "score")
+    # Nested option groups (``model.<name>.*``) and the class whose keyword arguments they are.
+    option_groups: ClassVar[dict[str, type]] = {}
 
     def __init__(
         self,

@@ -73,7 +73,6 @@ class MRADCLIP(MRADFT):
         text_tower=True,
         unused_parameters=True,
     )
-    # Nested option groups and the class whose keyword arguments they are (checked before anything is built).
     option_groups: ClassVar[dict[str, type]] = {"prompts": MRADPromptLearner}
     # The text tower is the encoder's own (shared weights): frozen, left out of checkpoints.
     frozen_prefixes = ("encoder.", "text.")
