@@ -249,6 +249,8 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
             f"but trainer.strategy={strategy} turns that off. "
             f"Fix: trainer.strategy={strategy.removesuffix('_false')}_true (or plain ddp)."
         )
+    if str(cfg.get("report_figures", "auto")) not in ("auto", "always", "never"):
+        raise ConfigError(f"report_figures must be auto, always or never, got {cfg.get('report_figures')!r}")
     features = cfg.get("features") or {}
     if features.get("enabled") and not features.get("dir"):
         raise ConfigError("features.enabled=true needs features.dir (where encoder outputs are cached)")

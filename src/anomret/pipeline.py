@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, purpose: Purpose) -> EvaluationResult:
             if thresholds is not None:
                 artifacts["thresholds"] = str(thresholds.save(output_dir / "thresholds.json").resolve())
                 write_evaluation_decisions(output_dir / "predictions.csv", result.images, thresholds)
-            write_outputs(result, output_dir, loggers, artifacts)
+            write_outputs(result, output_dir, loggers, artifacts, str(cfg.get("report_figures", "auto")))
             console = Console()  # a pipe or log gets 80 columns (COLUMNS), which the table fits
             title = f"{cfg.task_name}: {cfg.dataset.name} ({model.method})"
             console.print(result.rich_table(title=title, width=console.width))
@@ -136,15 +136,29 @@ def _eval_command(cfg: DictConfig, info: dict[str, Any], checkpoint_file: str | 
     return " ".join(["python -m anomret.eval", *overrides, *model_files])
 
 
+def _draws_figures(setting: str) -> bool:
+    """``report_figures``: always, never, or auto (single runs; a sweep's jobs leave them to the sweep page)."""
+    if setting != "auto":
+        return setting == "always"
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+
+
 def write_outputs(
-    result: EvaluationResult, output_dir: Path, loggers: list[Logger], artifacts: dict[str, Any]
+    result: EvaluationResult,
+    output_dir: Path,
+    loggers: list[Logger],
+    artifacts: dict[str, Any],
+    report_figures: str = "auto",
 ) -> None:
     result.write_json(output_dir / "results.json")
     result.write_csv(output_dir / "results.csv")
     result.write_image_scores(output_dir / "image_scores.csv")
     write_text_atomic(output_dir / "artifacts.json", json.dumps(artifacts, indent=2))
     try:
-        page = write_run_page(output_dir)
+        page = write_run_page(output_dir, figures=_draws_figures(report_figures))
     except Exception:  # the results are written: a page that fails must not fail the run
         log.exception("the report page could not be written; python -m anomret.report %s retries", output_dir)
         page = None

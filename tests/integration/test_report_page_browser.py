@@ -110,6 +110,8 @@ def test_sweep_ends_with_its_directory_and_the_report_command(sweep):
         assert (sweep_dir / job / "report.html").is_file() and (
             sweep_dir / job / "image_scores.csv"
         ).is_file()
+        # A job's figures are left to the sweep page; its page names the command that draws them.
+        assert f"python -m anomret.report {sweep_dir / job}" in (sweep_dir / job / "report.html").read_text()
 
 
 def test_console_tables_of_a_piped_sweep_fit_80_columns(sweep):
@@ -184,6 +186,7 @@ def _assert_clean_with_every_image(page: Any, seen: dict[str, list[str]]) -> int
 def test_run_page_in_a_browser(sweep, browser_context, tmp_path):
     sweep_dir, _ = sweep
     job = sweep_dir / "1"
+    run_cli(["-m", "anomret.report", str(job)], tmp_path)  # a run's page, with its figures drawn
     page, seen = _open(browser_context, job / "report.html", tmp_path / "run_page.png")
     images = _assert_clean_with_every_image(page, seen)
     results = json.loads((job / "results.json").read_text())

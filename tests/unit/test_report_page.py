@@ -187,6 +187,20 @@ def test_figures_are_redrawn_only_when_what_they_show_changes(tmp_path):
     assert next(n for n in after if n.startswith("a-")) not in before  # the old figure is gone
 
 
+def test_a_page_without_figures_keeps_those_drawn_and_names_the_command_for_the_others(tmp_path):
+    run = _run_dir(tmp_path / "run")
+    parsed = _read(write_run_page(run, figures=False))
+    assert not (run / FILES_DIR).exists() or not list((run / FILES_DIR).iterdir())
+    assert not parsed.find("img", inside="section#curves")
+    assert "Figures not drawn for a, b" in parsed.plain
+    assert f"python -m anomret.report {run.resolve()}" in parsed.plain
+    write_run_page(run)  # drawn (anomret.report on the run), then kept by a page written without drawing
+    drawn = sorted(p.name for p in (run / FILES_DIR).iterdir())
+    parsed = _read(write_run_page(run, figures=False))
+    assert sorted(p.name for p in (run / FILES_DIR).iterdir()) == drawn
+    assert len(parsed.find("img", inside="section#curves")) == 2 and "Figures not drawn" not in parsed.plain
+
+
 def test_a_run_without_per_image_files_still_gets_its_table(tmp_path):
     run = _run_dir(tmp_path / "run", scores=False, overlays=False)
     page = write_run_page(run)
@@ -247,8 +261,9 @@ def test_sweep_page_rows_plots_and_configs(tmp_path):
     assert "no change with retrieval.rho: I-AP, I-F1max, P-AUROC, P-AP, P-F1max, AUPRO" in text
     configs = parsed.find("section", inside="section#configs")
     assert [c["id"] for c in configs] == ["config-0", "config-1", "config-2", "config-3", "config-4"]
-    for number in range(4):  # each job's own page was written, and is linked
+    for number in range(4):  # each job's own page was written, and is linked; its figures left to the job
         assert (sweep / str(number) / "report.html").is_file()
+        assert not (sweep / str(number) / FILES_DIR).exists()
         assert any(a["href"] == f"{number}/report.html" for a in parsed.find("a", inside="table.jobs"))
 
 

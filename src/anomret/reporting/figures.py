@@ -91,7 +91,13 @@ def category_figure(
     anomalous) with the threshold, side by side; its operating point is marked on both curves."""
     scores_array = np.asarray(scores, dtype=np.float64)
     labels_array = np.asarray(labels).astype(bool)
-    figure = new_figure(11.5, 3.6)
+    width, height = 11.5, 3.6
+    # Fixed margins in inches (tick labels, titles, the legends below): the constrained layout measures
+    # every label, 0.46 s a figure against 0.28 s here, and every category of every run draws one.
+    figure = new_figure(width, height, constrained=False)
+    figure.subplots_adjust(
+        left=0.6 / width, right=1 - 0.15 / width, top=1 - 0.3 / height, bottom=1.2 / height, wspace=0.25
+    )
     roc, pr, histogram = figure.subplots(1, 3)
     defined = labels_array.any() and (~labels_array).any()
     at = threshold.value

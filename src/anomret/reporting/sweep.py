@@ -457,9 +457,9 @@ class SweepReport:
         if self.is_single_run(out_dir):
             written.append(write_run_page(self.jobs[0].path, out_dir))
             return written
-        for job in self.jobs:
+        for job in self.jobs:  # figures of single runs only: a sweep's jobs keep those already drawn
             if job.path.resolve().is_relative_to(out_dir.resolve()):
-                written.append(write_run_page(job.path))
+                written.append(write_run_page(job.path, figures=False))
         written.append(write_sweep_page(self, out_dir, drawn))
         return written
 
