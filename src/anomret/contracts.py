@@ -1,6 +1,6 @@
 """What a run needs, checked before anything is built: one check for every entry point.
 
-Each method declares its needs (:class:`~anomret.models.base.MethodNeeds`); :func:`check_config` compares
+Each method declares its needs (:class:`~anomret.needs.MethodNeeds`); :func:`check_config` compares
 them with the composed groups (memory kind, retrieval kind, a text tower, auxiliary masks, DDP), refuses
 settings that no constructor takes (naming the closest real one), and says at once everything an entry
 point lacks (a checkpoint and its bank), with the command that gives it. It reads the classes the config
@@ -191,8 +191,12 @@ def check_config(cfg: DictConfig, purpose: Purpose) -> MethodNeeds:
     """Refuse, before anything is built, every pairing of groups the method cannot run with, every unknown
     setting, and what the entry point lacks; returns the method's needs."""
     model_class = _method_class(cfg)
-    needs: MethodNeeds = model_class.get("needs")
-    method: str = model_class.get("method")
+    needs, method = model_class.get("needs"), str(model_class.get("method") or model_class.short_name)
+    if not isinstance(needs, MethodNeeds):
+        raise ConfigError(
+            f"model._target_={model_class.name} declares no needs: a method class sets "
+            "needs = MethodNeeds(memory=..., retrieval=...) (anomret.needs)"
+        )
     check_option_names(cfg)
     memory_class = _class_of(cfg.memory)
     given_memory = memory_class.get("kind", "?") if memory_class else "?"

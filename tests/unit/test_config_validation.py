@@ -199,3 +199,13 @@ def test_the_missing_checkpoint_hint_names_the_latest_train_run(compose_config, 
 def test_the_similarity_analysis_is_refused_for_rad(compose_config):
     with pytest.raises(ConfigError, match=r"similarity analysis reads MRAD's labelled memory"):
         check_config(compose_config(["+experiment=demo_rad", "memory.path=b"], "eval"), Purpose.ANALYSE)
+
+
+def test_a_method_class_without_declared_needs_or_a_report_setting_out_of_range_is_refused(compose_config):
+    with pytest.raises(ConfigError, match="declares no needs: a method class sets needs = MethodNeeds"):
+        check_config(
+            compose_config(["+experiment=demo", "model._target_=anomret.models.base.RetrievalModule"]),
+            Purpose.TRAIN,
+        )
+    with pytest.raises(ConfigError, match="report_figures must be auto, always or never, got 'sometimes'"):
+        check_config(compose_config(["+experiment=demo", "report_figures=sometimes"]), Purpose.TRAIN)
