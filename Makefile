@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install anomret with its dev extras
 
-demo: $(STAMP) ## MRAD-TF end to end on the built-in synthetic data (CPU, about 15 s: experiments/benchmarks/demos.md)
+demo: $(STAMP) ## MRAD-TF end to end on the built-in synthetic data (CPU, about 10 s: experiments/benchmarks/demos.md)
 	$(OFFLINE) $(BIN)/python -m anomret.train +experiment=demo
 
 test: $(STAMP) ## The whole test suite
