@@ -82,14 +82,10 @@ def _current_job() -> str | None:
     """``job N (overrides)`` of a running multirun, ``None`` outside a sweep."""
     if "hydra" not in sys.modules:
         return None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from anomret.config import sweep_job_config
 
-        config = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    if config.mode != RunMode.MULTIRUN:
+    config = sweep_job_config()
+    if config is None:
         return None
     overrides = ",".join(config.overrides.task) or "no overrides"
     return f"job {config.job.num} ({overrides}) of the sweep in {config.sweep.dir}"

@@ -55,6 +55,18 @@ def _sweep_group(mode: Any, task_name: str) -> str:
     return f"{task_name}/{Path(str(HydraConfig.get().sweep.dir)).name}"
 
 
+def sweep_job_config() -> Any | None:
+    """Hydra's config of the running job when it is a job of a multirun; ``None`` in a single run or
+    outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    config = HydraConfig.get()
+    return config if config.mode == RunMode.MULTIRUN else None
+
+
 # Used by conf/logger/wandb.yaml; registered on import, before any config is composed or resolved.
 OmegaConf.register_new_resolver("anomret.join", _join_nonempty, replace=True)
 OmegaConf.register_new_resolver("anomret.sweep_group", _sweep_group, replace=True)

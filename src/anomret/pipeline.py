@@ -25,6 +25,7 @@ from rich.table import Table
 from anomret.assembly import Assembly, instantiate_all
 from anomret.callbacks import OverlayWriter, PredictionWriter
 from anomret.checks import integer_at_least
+from anomret.config import sweep_job_config
 from anomret.contracts import Purpose, check_config
 from anomret.data.folder import image_folder_samples, input_base, readable_samples
 from anomret.decisions.calibration import calibrate
@@ -140,10 +141,7 @@ def _draws_figures(setting: str) -> bool:
     """``report_figures``: always, never, or auto (single runs; a sweep's jobs leave them to the sweep page)."""
     if setting != "auto":
         return setting == "always"
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
+    return sweep_job_config() is None
 
 
 def write_outputs(
