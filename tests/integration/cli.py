@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,10 @@ _EXPECTED = re.compile(r"\]\[anomret\.encoders\.weights\]\[WARNING\] - encoder \
 def unexpected_lines(output: str) -> list[str]:
     """The lines of a command's output that a user should not have to read past (see ``_NOISE``)."""
     return [line for line in output.splitlines() if _NOISE.search(line) and not _EXPECTED.search(line)]
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking (for a DDP rendezvous or a service)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

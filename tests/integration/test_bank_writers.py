@@ -24,7 +24,7 @@ from anomret.memory.store import read_bank_metadata
 from anomret.memory.writers import agreed, bank_writers_lock
 from anomret.pipeline import append_memory, run
 
-from .test_ddp import _free_port
+from .cli import free_port
 
 WAIT = 120  # generous limits for a loaded machine; no test depends on how long anything takes
 
@@ -112,7 +112,7 @@ def test_ddp_ranks_share_rank_zeros_reading_and_wait_or_are_refused_together(tmp
     target = tmp_path / "bank.safetensors"
     process, release = _holder(target)
     ranks = mp.start_processes(
-        _rank, args=(2, _free_port(), str(target), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _rank, args=(2, free_port(), str(target), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
         assert not ranks.join(0.05), "the ranks wait for the lock"

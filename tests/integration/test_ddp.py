@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,11 @@ from safetensors.torch import load_file
 from anomret.models.checkpoint import load_checkpoint
 
 from . import ddp_workers
-from .cli import run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .cli import free_port, run_cli
 
 
 def test_bank_and_evaluation_gathered_over_two_gloo_processes_equal_one_process(tmp_path):
-    mp.spawn(ddp_workers.worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_workers.worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rows = ddp_workers.synthetic_rows()
     n = len(rows["cls"])
     single_bank = ddp_workers.build_bank(rows, list(range(n)), max_patch_entries=5).build({})

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .cli import run_cli
+from .cli import free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +118,10 @@ def test_a_damaged_or_foreign_package_is_refused_with_the_reason(package, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- serve
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(package, tmp_path_factory):
     """``python -m anomret.serve PACKAGE`` as a real process on a free loopback port, always stopped."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [
         sys.executable,
