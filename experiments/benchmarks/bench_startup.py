@@ -30,6 +30,10 @@ QUICK = [
     ("analysis.similarity --help", ["-m", "anomret.analysis.similarity", "--help"]),
     ("prepare --help", ["-m", "anomret.prepare", "--help"]),
     ("report --help", ["-m", "anomret.report", "--help"]),
+    ("export --help", ["-m", "anomret.export", "--help"]),
+    ("serve --help", ["-m", "anomret.serve", "--help"]),
+    ("export RUN OUT (no such run directory)", ["-m", "anomret.export", "no-such-run", "out"]),
+    ("serve PACKAGE (not a model package)", ["-m", "anomret.serve", "no-such-package"]),
     ("train +experiment=demo --cfg job", ["-m", "anomret.train", "+experiment=demo", "--cfg", "job"]),
     ("train dataset=nope (config error)", ["-m", "anomret.train", "dataset=nope"]),
     (
